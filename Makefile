@@ -1,0 +1,45 @@
+# The two commands: `make run` and `make test`. Each does all of the set-up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deps-stamp
+PROTOS := $(wildcard proto/txengine/v1/*.proto)
+KERNELS := $(wildcard ext/*.pyx ext/*.pxd)
+GEN_STAMP := engine/gen/.stamp
+EXT_STAMP := engine/kernels/.build-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint bench chaos clean
+
+setup: $(STAMP) $(GEN_STAMP) $(EXT_STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_proto.py
+	$(BIN)/python scripts/gen_proto.py
+	touch $@
+
+$(EXT_STAMP): $(STAMP) $(KERNELS) setup.py pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	$(BIN)/txengine serve
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	npx --yes @bufbuild/buf@1.75.0 lint
+
+bench: setup
+	$(BIN)/txengine bench
+
+chaos: setup
+	$(BIN)/python -m pytest -m chaos --run-slow tests/chaos
+
+clean:
+	rm -rf $(VENV) engine/gen build engine/kernels/*.so engine/kernels/.build-stamp .data
