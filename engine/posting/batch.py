@@ -1,0 +1,67 @@
+"""Requests as the posting engine sees them: columns decoded by the servicer, and a future.
+
+A request is the unit of admission and of linked chains (a chain never crosses requests);
+many requests go into one commit.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+
+from engine.kernels import shard_of
+from engine.ids import halves
+from engine.posting.accounts import NewAccount
+
+
+def shards_of(ids: list[bytes], shard_count: int) -> np.ndarray:
+    """The shard of each 16-byte id (a stable hash, see ext/routing.pyx)."""
+    hi, lo = halves(ids)
+    out = np.empty(len(ids), np.int32)
+    shard_of(hi, lo, shard_count, out)
+    return out
+
+
+@dataclasses.dataclass
+class TransferColumns:
+    """One CreateTransfers request, column by column; ids are exactly 16 bytes each."""
+
+    ids: list[bytes]
+    debit_ids: list[bytes]
+    credit_ids: list[bytes]
+    pending_ids: list[bytes]
+    amount: np.ndarray  # uint64
+    ledger: np.ndarray  # uint32
+    code: np.ndarray  # uint32
+    flags: np.ndarray  # uint32
+    timeout_seconds: np.ndarray  # uint32
+    user_data: list[bytes]
+    # Per-item result decided before the balance kernel (0 = none), e.g. TIMESTAMP_MUST_BE_ZERO.
+    precheck: np.ndarray  # uint32
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclasses.dataclass
+class Request:
+    """A request waiting in the intake; `shard_items` is what it holds of each shard's queue."""
+
+    future: asyncio.Future
+    shard_items: dict[int, int]
+    transfers: TransferColumns | None = None
+    accounts: list[NewAccount] | None = None
+    account_shards: list[int] | None = None
+
+    @property
+    def items(self) -> int:
+        return len(self.transfers) if self.transfers is not None else len(self.accounts or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """Per-item results of one request, in request order."""
+
+    results: list[int]
+    timestamps: list[int]

@@ -1,0 +1,149 @@
+"""Assembles one engine process: storage, posting engine, gRPC server, health, reflection."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+
+import grpc
+import redis.asyncio as aioredis
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine import limits
+from engine.config import Settings
+from engine.gen.txengine.v1 import ledger_pb2, ledger_pb2_grpc
+from engine.posting.engine import PostingEngine
+from engine.server.servicer import LedgerServicer
+from engine.storage.embedded import EmbeddedPostgres, EmbeddedRedis
+from engine.storage.store import Store
+
+log = structlog.get_logger("engine.server")
+
+SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+HEALTH_POLL_SECONDS = 0.5
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def grpc_options() -> list[tuple[str, int]]:
+    """The gRPC channel options of the server, derived from the limits in one place."""
+    return [
+        ("grpc.max_receive_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
+        ("grpc.max_send_message_length", limits.GRPC_MESSAGE_BYTES_MAX),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def database_url(settings: Settings, embedded: list) -> str:
+    if settings.database_url:
+        return settings.database_url
+    postgres = EmbeddedPostgres(settings.data_dir)
+    embedded.append(postgres)
+    return postgres.url
+
+
+def redis_url(settings: Settings, embedded: list) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    server = EmbeddedRedis(settings.data_dir)
+    embedded.append(server)
+    return server.url
+
+
+@dataclasses.dataclass
+class EngineApp:
+    """A running engine: call `stop` to drain and shut down."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    engine: PostingEngine
+    store: Store
+    health: health.HealthServicer
+    port: int
+    redis: aioredis.Redis
+    embedded: list
+    _health_task: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        log.info("draining", grace_s=grace)
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.engine.stop(grace)
+        await self.store.close()
+        await self.redis.aclose()
+        for service in self.embedded:
+            if isinstance(service, EmbeddedRedis):
+                service.close()
+        log.info("stopped")
+
+    async def _watch_health(self) -> None:
+        """NOT_SERVING while the engine cannot commit, so balancers route elsewhere."""
+        serving = None
+        while True:
+            now = self.engine.available
+            if now != serving:
+                status = (health_pb2.HealthCheckResponse.SERVING if now
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+                for name in ("", SERVICE_NAME):
+                    await self.health.set(name, status)
+                serving = now
+            await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+
+async def start(settings: Settings) -> EngineApp:
+    """Start every part of the engine and serve; returns once the port accepts RPCs."""
+    limits.check_limits()
+    embedded: list = []
+    url = await asyncio.to_thread(database_url, settings, embedded)
+    store = Store(url, pool_size=settings.database_pool_size,
+                  allow_unsafe=settings.unsafe_no_durability)
+    await store.open(settings.shards)
+    engine = PostingEngine(store, settings)
+    await engine.start()
+
+    redis_client = aioredis.Redis.from_url(await asyncio.to_thread(redis_url, settings, embedded))
+    try:
+        await redis_client.ping()
+    except Exception as error:  # the engine commits without Redis
+        log.warning("redis unreachable; committing without it", error=str(error))
+
+    server = grpc.aio.server(options=grpc_options(),
+                             maximum_concurrent_rpcs=settings.rpc_concurrency_max)
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(engine, store), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.listen)
+    await server.start()
+    app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded)
+    app._health_task = asyncio.create_task(app._watch_health())
+    host = settings.listen.rpartition(":")[0]
+    if host not in LOOPBACK_HOSTS:
+        log.warning("plaintext gRPC on a non-loopback address: anyone who reaches it can move money",
+                    listen=app.address)
+    log.info("serving", listen=app.address, transport="plaintext", shards=store.shard_count,
+             embedded_postgres=settings.database_url is None,
+             embedded_redis=settings.redis_url is None)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM, then drain and stop."""
+    app = await start(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    with contextlib.suppress(asyncio.CancelledError):
+        await app.stop()

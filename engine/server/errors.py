@@ -1,0 +1,96 @@
+"""The one place that maps failures to gRPC status codes with rich error details.
+
+Per-item business outcomes are results, never statuses. A malformed request is
+INVALID_ARGUMENT with a google.rpc.BadRequest naming each bad field and index, overload is
+RESOURCE_EXHAUSTED, an engine that cannot commit is UNAVAILABLE, and anything unexpected is
+INTERNAL: UNKNOWN never leaves the server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from engine.posting.engine import Overloaded, Unavailable
+
+log = structlog.get_logger("engine.server")
+
+ERROR_DOMAIN = "txengine.dev"
+
+
+@dataclasses.dataclass(frozen=True)
+class Violation:
+    field: str
+    description: str
+
+
+class InvalidRequest(Exception):
+    """The request is malformed; nothing was applied."""
+
+    def __init__(self, violations: list[Violation]):
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations[:5]))
+        self.violations = violations
+
+
+class Unimplemented(Exception):
+    """The RPC or flag is part of the contract but not served by this engine version."""
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _status(code: grpc.StatusCode, message: str, reason: str, details=()) -> tuple:
+    status = status_pb2.Status(
+        code=code.value[0], message=message,
+        details=[_pack(d) for d in details]
+        + [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))],
+    )
+    return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
+    """(status code, message, trailing metadata) for an exception raised by a handler."""
+    if isinstance(error, InvalidRequest):
+        bad_request = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ])
+        return _status(grpc.StatusCode.INVALID_ARGUMENT, str(error), "INVALID_REQUEST", [bad_request])
+    if isinstance(error, Overloaded):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(50)
+        return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "OVERLOADED", [retry])
+    if isinstance(error, Unavailable):
+        return _status(grpc.StatusCode.UNAVAILABLE, str(error), "UNAVAILABLE")
+    if isinstance(error, Unimplemented):
+        return _status(grpc.StatusCode.UNIMPLEMENTED, str(error), "UNIMPLEMENTED")
+    return _status(grpc.StatusCode.INTERNAL, "internal error; the request may be retried with "
+                   "the same ids", "INTERNAL")
+
+
+assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def handle_errors(method):
+    """Decorate a servicer method so that every exception becomes a documented status."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the boundary that turns errors into statuses
+            code, message, trailers = classify(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("request failed", rpc=method.__name__)
+            await context.abort(code, message, trailing_metadata=trailers)
+
+    return wrapper

@@ -1,0 +1,251 @@
+"""Postgres access: the writer connection with its shard lease, and a pool for reads.
+
+Ids travel as raw 16-byte ``bytes`` (a binary codec for ``uuid``), so no UUID objects are built
+on the hot path. Nothing above this module writes SQL.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+
+import asyncpg
+
+from engine.storage.migrate import migrate
+
+LEASE_LOCK_CLASS = 0x7478_6C73  # "txls": advisory lock class of shard leases
+
+ACCOUNT_COLUMNS = (
+    "shard", "id", "ledger", "code", "flags", "debits_pending", "debits_posted",
+    "credits_pending", "credits_posted", "user_data", "timestamp",
+)
+TRANSFER_COLUMNS = (
+    "shard", "id", "debit_account_id", "credit_account_id", "amount", "pending_id", "ledger",
+    "code", "flags", "timeout_seconds", "user_data", "timestamp", "seq_shard", "seq",
+)
+# Columns of a transfer as the API returns it, in Transfer field order.
+TRANSFER_FIELDS = (
+    "id", "debit_account_id", "credit_account_id", "amount", "pending_id", "ledger", "code",
+    "flags", "timeout_seconds", "user_data", "timestamp",
+)
+ACCOUNT_FIELDS = ACCOUNT_COLUMNS[1:]
+
+DURABLE_SYNCHRONOUS_COMMIT = {"on", "remote_apply", "remote_write", "local"}
+
+
+class StorageUnavailable(Exception):
+    """Postgres cannot be reached or a transaction failed for a reason other than the input."""
+
+
+class FencingLost(StorageUnavailable):
+    """Another process took over a shard: this process must not commit any more."""
+
+
+class UnsafeDurability(RuntimeError):
+    """Postgres is configured so that a commit may be lost; the engine refuses to run on it."""
+
+
+@dataclasses.dataclass
+class ShardLease:
+    """The shards this process owns, each with its fencing epoch and committed position."""
+
+    epochs: dict[int, int]
+    last_seq: dict[int, int]
+    last_timestamp: int
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "uuid", schema="pg_catalog", encoder=bytes, decoder=bytes, format="binary"
+    )
+
+
+def _connect_kwargs() -> dict:
+    return {
+        "server_settings": {"synchronous_commit": "on", "application_name": "txengine"},
+        "init": _init_connection,
+        "statement_cache_size": 256,
+    }
+
+
+async def connect(url: str, timeout_seconds: float = 10.0) -> asyncpg.Connection:
+    kwargs = _connect_kwargs()
+    init = kwargs.pop("init")
+    conn = await asyncpg.connect(url, timeout=timeout_seconds, **kwargs)
+    await init(conn)
+    return conn
+
+
+async def check_durability(conn: asyncpg.Connection, allow_unsafe: bool) -> dict[str, str]:
+    """Refuse to run on a Postgres that may lose a committed transaction."""
+    settings = {
+        name: await conn.fetchval(f"SHOW {name}")
+        for name in ("fsync", "synchronous_commit", "full_page_writes")
+    }
+    unsafe = settings["fsync"] != "on" or settings["synchronous_commit"] not in DURABLE_SYNCHRONOUS_COMMIT
+    if unsafe and not allow_unsafe:
+        raise UnsafeDurability(
+            f"Postgres runs with fsync={settings['fsync']}, synchronous_commit="
+            f"{settings['synchronous_commit']}: acknowledged transfers could be lost. "
+            "Fix the server settings, or pass --unsafe-no-durability for storage benchmarks."
+        )
+    return settings
+
+
+class Store:
+    """The engine's storage: migrations, the shard lease, the batch writer and the readers."""
+
+    def __init__(self, url: str, *, pool_size: int, allow_unsafe: bool):
+        self.url = url
+        self.pool_size = pool_size
+        self.allow_unsafe = allow_unsafe
+        self.shard_count = 0
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._writer: asyncpg.Connection | None = None
+        self._lease_conn: asyncpg.Connection | None = None
+        self._pool: asyncpg.Pool | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self, shards: int | None) -> None:
+        conn = await connect(self.url)
+        try:
+            await check_durability(conn, self.allow_unsafe)
+            _, self.shard_count = await migrate(conn, shards)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.url, min_size=1, max_size=self.pool_size, **_connect_kwargs()
+        )
+
+    async def close(self) -> None:
+        for conn in (self._writer, self._lease_conn):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+        self._writer = self._lease_conn = None
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    async def acquire_lease(self, wait_seconds: float) -> ShardLease:
+        """Take every shard: advisory locks held by a dedicated session, then a new epoch per
+        shard. A commit made under an older epoch fails, so a stale owner cannot write."""
+        await self.drop_writer()
+        self._lease_conn = await connect(self.url)
+        self._writer = await connect(self.url)
+        shards = list(range(self.shard_count))
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        while True:
+            got = await self._lease_conn.fetchval(
+                "SELECT bool_and(pg_try_advisory_lock($1, s)) FROM unnest($2::int[]) AS s",
+                LEASE_LOCK_CLASS, shards,
+            )
+            if got:
+                break
+            await self._lease_conn.execute("SELECT pg_advisory_unlock_all()")
+            if asyncio.get_running_loop().time() >= deadline:
+                raise StorageUnavailable("the shards are owned by another engine process")
+            await asyncio.sleep(0.2)
+        rows = await self._writer.fetch(
+            """UPDATE shards SET epoch = epoch + 1, owner = $1, leased_at = now()
+               WHERE shard = ANY($2::int[])
+               RETURNING shard, epoch, last_seq, last_timestamp""",
+            self.owner, shards,
+        )
+        assert len(rows) == self.shard_count
+        return ShardLease(
+            epochs={r["shard"]: r["epoch"] for r in rows},
+            last_seq={r["shard"]: r["last_seq"] for r in rows},
+            last_timestamp=max(r["last_timestamp"] for r in rows),
+        )
+
+    async def drop_writer(self) -> None:
+        for conn in (self._writer, self._lease_conn):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+        self._writer = self._lease_conn = None
+
+    # -- the writer ------------------------------------------------------------------------
+
+    async def load_accounts(self, shards: list[int], ids: list[bytes]) -> list[asyncpg.Record]:
+        assert self._writer is not None
+        return await self._writer.fetch(
+            f"""SELECT {', '.join(f'a.{c}' for c in ACCOUNT_COLUMNS)}
+                FROM unnest($1::int[], $2::uuid[]) AS k(shard, id)
+                JOIN accounts a ON a.shard = k.shard AND a.id = k.id""",
+            shards, ids,
+        )
+
+    async def load_transfers(self, shards: list[int], ids: list[bytes]) -> list[asyncpg.Record]:
+        assert self._writer is not None
+        return await self._writer.fetch(
+            f"""SELECT {', '.join(f't.{c}' for c in TRANSFER_FIELDS)}
+                FROM unnest($1::int[], $2::uuid[]) AS k(shard, id)
+                JOIN transfers t ON t.shard = k.shard AND t.id = k.id""",
+            shards, ids,
+        )
+
+    async def write_batch(
+        self,
+        lease: ShardLease,
+        new_accounts: list[tuple],
+        balance_updates: tuple[list, list, list, list, list, list],
+        transfers: list[tuple],
+        last_seq: dict[int, int],
+        last_timestamp: int,
+    ) -> None:
+        """Write one batch in one transaction, fenced by the lease's epochs."""
+        conn = self._writer
+        assert conn is not None
+        async with conn.transaction():
+            fenced = await conn.execute(
+                """UPDATE shards SET last_seq = u.seq, last_timestamp = $1
+                   FROM unnest($2::int[], $3::bigint[], $4::bigint[]) AS u(shard, epoch, seq)
+                   WHERE shards.shard = u.shard AND shards.epoch = u.epoch""",
+                last_timestamp, list(lease.epochs), list(lease.epochs.values()),
+                [last_seq[s] for s in lease.epochs],
+            )
+            if fenced != f"UPDATE {len(lease.epochs)}":
+                raise FencingLost("a shard was taken over by another engine process")
+            if new_accounts:
+                await conn.copy_records_to_table(
+                    "accounts", records=new_accounts, columns=ACCOUNT_COLUMNS
+                )
+            if balance_updates[0]:
+                await conn.execute(
+                    """UPDATE accounts AS a SET debits_pending = u.dp, debits_posted = u.dpo,
+                              credits_pending = u.cp, credits_posted = u.cpo
+                       FROM unnest($1::int[], $2::uuid[], $3::bigint[], $4::bigint[],
+                                   $5::bigint[], $6::bigint[]) AS u(shard, id, dp, dpo, cp, cpo)
+                       WHERE a.shard = u.shard AND a.id = u.id""",
+                    *balance_updates,
+                )
+            if transfers:
+                await conn.copy_records_to_table(
+                    "transfers", records=transfers, columns=TRANSFER_COLUMNS
+                )
+
+    # -- readers ---------------------------------------------------------------------------
+
+    async def lookup_accounts(self, shards: list[int], ids: list[bytes]) -> list[asyncpg.Record]:
+        assert self._pool is not None
+        return await self._pool.fetch(
+            f"""SELECT {', '.join(f'a.{c}' for c in ACCOUNT_FIELDS)}
+                FROM unnest($1::int[], $2::uuid[]) WITH ORDINALITY AS k(shard, id, n)
+                JOIN accounts a ON a.shard = k.shard AND a.id = k.id ORDER BY k.n""",
+            shards, ids,
+        )
+
+    async def lookup_transfers(self, shards: list[int], ids: list[bytes]) -> list[asyncpg.Record]:
+        assert self._pool is not None
+        return await self._pool.fetch(
+            f"""SELECT {', '.join(f't.{c}' for c in TRANSFER_FIELDS)}
+                FROM unnest($1::int[], $2::uuid[]) WITH ORDINALITY AS k(shard, id, n)
+                JOIN transfers t ON t.shard = k.shard AND t.id = k.id ORDER BY k.n""",
+            shards, ids,
+        )
+
+    async def ping(self) -> None:
+        assert self._pool is not None
+        await self._pool.fetchval("SELECT 1")
