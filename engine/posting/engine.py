@@ -28,8 +28,9 @@ from engine.storage.store import ShardLease, Store, StorageUnavailable
 log = structlog.get_logger("engine.posting")
 
 RECOVERY_BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)
-_STORAGE_ERRORS = (StorageUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                   ConnectionError, asyncio.TimeoutError)
+# Failures of Postgres or of the connection to it; anything else in a commit is a defect.
+STORAGE_ERRORS = (StorageUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                  ConnectionError, TimeoutError)
 
 
 class Overloaded(Exception):
@@ -108,7 +109,7 @@ class PostingEngine:
             try:
                 await self._take_lease()
                 return
-            except _STORAGE_ERRORS as error:
+            except STORAGE_ERRORS as error:
                 log.warning("storage recovery failed", error=str(error), retry_in_s=delay)
                 await self.store.drop_writer()
             attempt += 1
@@ -163,7 +164,7 @@ class PostingEngine:
                 self._busy = True
                 try:
                     await self._commit(batch)
-                except _STORAGE_ERRORS as error:
+                except STORAGE_ERRORS as error:
                     log.warning("commit failed", error=repr(error), requests=len(batch))
                     self._fail(batch, Unavailable(f"commit failed: {error}; retry with the same ids"))
                     await self._recover()

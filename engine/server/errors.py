@@ -15,7 +15,7 @@ import structlog
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from engine.posting.engine import Overloaded, Unavailable
+from engine.posting.engine import STORAGE_ERRORS, Overloaded, Unavailable
 
 log = structlog.get_logger("engine.server")
 
@@ -69,6 +69,9 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
         return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "OVERLOADED", [retry])
     if isinstance(error, Unavailable):
         return _status(grpc.StatusCode.UNAVAILABLE, str(error), "UNAVAILABLE")
+    if isinstance(error, STORAGE_ERRORS):
+        return _status(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {type(error).__name__}",
+                       "STORAGE_UNAVAILABLE")
     if isinstance(error, Unimplemented):
         return _status(grpc.StatusCode.UNIMPLEMENTED, str(error), "UNIMPLEMENTED")
     return _status(grpc.StatusCode.INTERNAL, "internal error; the request may be retried with "
