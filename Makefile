@@ -7,11 +7,12 @@ PROTOS := $(wildcard proto/txengine/v1/*.proto)
 KERNELS := $(wildcard ext/*.pyx ext/*.pxd)
 GEN_STAMP := engine/gen/.stamp
 EXT_STAMP := engine/kernels/.build-stamp
+SDK_STAMP := $(VENV)/.sdk-stamp
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint bench chaos clean
 
-setup: $(STAMP) $(GEN_STAMP) $(EXT_STAMP)
+setup: $(STAMP) $(GEN_STAMP) $(EXT_STAMP) $(SDK_STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,11 @@ $(GEN_STAMP): $(STAMP) $(PROTOS) scripts/gen_proto.py
 
 $(EXT_STAMP): $(STAMP) $(KERNELS) setup.py pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# The client SDK (clients/python) generates its own stubs from proto/ when it is installed.
+$(SDK_STAMP): $(STAMP) $(PROTOS) clients/python/setup.py clients/python/pyproject.toml
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e clients/python
 	touch $@
 
 run: setup
@@ -42,4 +48,5 @@ chaos: setup
 	$(BIN)/python -m pytest -m chaos --run-slow tests/chaos
 
 clean:
-	rm -rf $(VENV) engine/gen build engine/kernels/*.so engine/kernels/.build-stamp .data
+	rm -rf $(VENV) engine/gen build engine/kernels/*.so engine/kernels/.build-stamp .data \
+		clients/python/src/txengine_client/_gen
