@@ -1,12 +1,13 @@
 # cython: language_level=3
-"""C-level contract of the kernels: result codes, flag bits and the balance limit.
+"""C-level contract of the kernels: result codes, flag bits, pending states and limits.
 
-Every number here is the number of the same name in proto/txengine/v1/ledger.proto;
+Every result and flag number here is the number of the same name in
+proto/txengine/v1/ledger.proto;
 tests/unit/test_kernel_constants.py checks both this file (through
 engine.kernels._balance.kernel_constants) and engine/kernels/constants.py against the
 generated ledger_pb2, so the three cannot drift apart silently.
 """
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 
 
 cdef enum TransferResult:
@@ -85,6 +86,25 @@ cdef enum AccountFlag:
     ACCOUNT_FLAG_CLOSED = 16
 
 
+# Lifecycle of a pending transfer, as the status column of apply_transfers holds it.
+# Not part of the proto contract: engine.kernels.reference mirrors these numbers, and
+# tests/property/test_two_phase_kernel.py checks the two against each other.
+cdef enum PendingStatus:
+    PENDING_STATUS_NONE = 0  # not a pending transfer
+    PENDING_STATUS_PENDING = 1  # open: its amount is held in the pending balances
+    PENDING_STATUS_POSTED = 2
+    PENDING_STATUS_VOIDED = 3
+    PENDING_STATUS_EXPIRED = 4
+
+
+# Columns of balances_after: the debit account's four balances, then the credit account's.
+cdef enum:
+    BALANCES_AFTER_COLUMNS = 8
+
+cdef enum:
+    NANOSECONDS_PER_SECOND = 1000000000
+
+
 # The largest balance or sum of balances the engine stores: 2**63 - 1, so that every stored
 # value fits a signed 64-bit Postgres column. A C enum cannot portably hold a 64-bit value,
 # hence a macro with an explicit unsigned 64-bit type.
@@ -93,3 +113,11 @@ cdef extern from *:
     #define TXENGINE_BALANCE_MAX ((uint64_t)0x7FFFFFFFFFFFFFFFULL)
     """
     const uint64_t BALANCE_MAX "TXENGINE_BALANCE_MAX"
+
+
+# Timestamps and expiry times are nanoseconds in a signed 64-bit column.
+cdef extern from *:
+    """
+    #define TXENGINE_TIMESTAMP_MAX ((int64_t)0x7FFFFFFFFFFFFFFFLL)
+    """
+    const int64_t TIMESTAMP_MAX "TXENGINE_TIMESTAMP_MAX"

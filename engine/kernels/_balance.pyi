@@ -19,13 +19,19 @@ def apply_transfers(
     debit_slot: _I64, credit_slot: _I64,
     chain_break: _U8,
     dup_prev: _I64, exists_row: _I64,
+    pending_prev: _I64, pending_row: _I64,
     existing_timestamp: _I64,
     precheck: _U32,
     timestamp_base: int,
     acc_ledger: _U32, acc_flags: _U32,
     acc_debits_pending: _U64, acc_debits_posted: _U64,
     acc_credits_pending: _U64, acc_credits_posted: _U64,
+    status: _U8, expires_at: _I64,
     result: _U32, timestamp_out: _I64,
+    amount_out: _U64, resolved_row: _I64,
+    balances_after: _U64,  # shape (n, 8), C-contiguous
 ) -> int: ...
+
+def pending_statuses() -> dict[str, int]: ...
 
 def kernel_constants() -> dict[str, int]: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import time
 from collections.abc import Iterator
 
@@ -17,20 +18,23 @@ import numpy as np
 import structlog
 
 from engine.config import Settings
-from engine.ids import halves
+from engine.ids import ZERO_ID, halves
 from engine.kernels import apply_transfers
 from engine.observability.stages import StageTimes
 from engine.posting.accounts import AccountCache, AccountCacheFull, NewAccount, create_accounts
 from engine.posting.batch import Outcome, Request, TransferColumns, shards_of
-from engine.results import TransferResult
-from engine.storage.store import ShardLease, Store, StorageUnavailable
+from engine.results import AccountFlags, TransferResult
+from engine.storage.store import (TRANSFER_STATE, BatchWrite, ShardLease, StorageUnavailable,
+                                  Store)
 
 log = structlog.get_logger("engine.posting")
 
 RECOVERY_BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)
+IDLE_WAKE_SECONDS_MAX = 1.0
 # Failures of Postgres or of the connection to it; anything else in a commit is a defect.
-STORAGE_ERRORS = (StorageUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                  ConnectionError, TimeoutError)
+# InternalClientError: asyncpg read a session's FATAL message before noticing the closed socket.
+STORAGE_ERRORS = (StorageUnavailable, asyncpg.PostgresError, asyncpg.InterfaceError,
+                  asyncpg.InternalClientError, OSError, ConnectionError, TimeoutError)
 
 
 class Overloaded(Exception):
@@ -58,6 +62,9 @@ class PostingEngine:
         self._clock_ns = 0
         self._last_seq: dict[int, int] = {}
         self.stages = StageTimes()
+        # The engine's commit clock in nanoseconds; replaceable so tests can move time.
+        self.clock = time.time_ns
+        self._next_expiry = 0
 
     @property
     def shard_count(self) -> int:
@@ -94,6 +101,7 @@ class PostingEngine:
         self._cache = AccountCache()
         self._clock_ns = self._lease.last_timestamp
         self._last_seq = dict(self._lease.last_seq)
+        self._next_expiry = await self.store.next_expiry()
         self._available = True
         log.info("shards leased", shards=len(self._lease.epochs),
                  epoch=max(self._lease.epochs.values()), last_timestamp=self._clock_ns)
@@ -109,8 +117,10 @@ class PostingEngine:
             try:
                 await self._take_lease()
                 return
-            except STORAGE_ERRORS as error:
-                log.warning("storage recovery failed", error=str(error), retry_in_s=delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the commit loop must outlive any failure
+                log.warning("storage recovery failed", error=repr(error), retry_in_s=delay)
                 await self.store.drop_writer()
             attempt += 1
             await asyncio.sleep(delay)
@@ -157,10 +167,13 @@ class PostingEngine:
 
     async def _run(self) -> None:
         while True:
-            await self._wakeup.wait()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), self._idle_seconds())
+            except TimeoutError:
+                pass
             self._wakeup.clear()
-            while self._queue:
-                batch = self._take()
+            while self._queue or (self._available and self._expiry_due()):
+                batch = self._take() if self._queue else []
                 self._busy = True
                 try:
                     await self._commit(batch)
@@ -177,6 +190,14 @@ class PostingEngine:
                     await self._recover()
                 finally:
                     self._busy = False
+
+    def _idle_seconds(self) -> float:
+        """How long the loop may sleep with nothing queued: until the next expiry, at most
+        IDLE_WAKE_SECONDS_MAX so a moved clock is noticed."""
+        if not self._next_expiry:
+            return IDLE_WAKE_SECONDS_MAX
+        wait = (self._next_expiry - self.clock()) / 1e9
+        return min(max(wait, 0.001), IDLE_WAKE_SECONDS_MAX)
 
     def _take(self) -> list[Request]:
         """Requests in arrival order, up to commit_items_max items (at least one request)."""
@@ -198,20 +219,24 @@ class PostingEngine:
     def _stamp(self, count: int) -> int:
         """First of `count` commit timestamps: unique, strictly increasing, never behind the
         last committed one whatever the wall clock does."""
-        base = max(time.time_ns(), self._clock_ns + 1)
+        base = max(self.clock(), self._clock_ns + 1)
         self._clock_ns = base + count - 1
         return base
+
+    def _expiry_due(self) -> bool:
+        return self._next_expiry != 0 and max(self.clock(), self._clock_ns + 1) >= self._next_expiry
 
     async def _commit(self, batch: list[Request]) -> None:
         assert self._lease is not None
         stages = self.stages
-        with stages.stage("load_accounts"):
-            await self._load_accounts(batch)
         with stages.stage("load_transfers"):
             committed = await self._load_transfers(batch)
-        created: list[int] = []
-        transfer_rows: list[tuple] = []
-        touched: list[np.ndarray] = []
+            expired = await self._load_expired(committed)
+        with stages.stage("load_accounts"):
+            await self._load_accounts(batch, committed)
+        write = _Writes()
+        if expired:
+            self._expire(expired, committed, write)
         outcomes: list[Outcome] = []
         for run in _runs(batch):
             if run[0].accounts is not None:
@@ -220,20 +245,50 @@ class PostingEngine:
                     self._cache, request.accounts, request.account_shards,
                     self._stamp(len(request.accounts)),
                 )
-                created.extend(slots)
+                write.created.extend(slots)
                 outcomes.append(Outcome(results, stamps))
             else:
                 with stages.stage("prepare"):
-                    outcomes.extend(self._apply_transfers(run, committed, transfer_rows, touched))
+                    outcomes.extend(self._apply_transfers(run, committed, write))
         with stages.stage("write"):
-            await self._write(created, touched, transfer_rows)
+            await self.store.write_batch(self._lease, write.finish(
+                self._cache, self.shard_count, self._last_seq, self._clock_ns))
+        if expired:
+            self._next_expiry = await self.store.next_expiry()
+        for expires_at in write.new_expiries:
+            self._next_expiry = min(self._next_expiry or expires_at, expires_at)
         stages.batches += 1
         stages.items += sum(request.items for request in batch)
         for request, outcome in zip(batch, outcomes):
             if not request.future.done():
                 request.future.set_result(outcome)
 
-    async def _load_accounts(self, batch: list[Request]) -> None:
+    async def _load_transfers(self, batch: list[Request]) -> dict[bytes, list]:
+        """Committed transfers that share an id with the batch or that it posts or voids,
+        as mutable TRANSFER_STATE rows."""
+        ids = {i for r in batch if r.transfers is not None for i in r.transfers.ids}
+        ids.update(i for r in batch if r.transfers is not None for i in r.transfers.pending_ids)
+        ids.discard(ZERO_ID)
+        if not ids:
+            return {}
+        ids = list(ids)
+        rows = await self.store.load_transfers(shards_of(ids, self.shard_count).tolist(), ids)
+        return {r["id"]: list(r) for r in rows}
+
+    async def _load_expired(self, committed: dict[bytes, list]) -> list[list]:
+        """Open reservations that lapse at this commit; the shard writer expires them itself."""
+        if not self._expiry_due():
+            return []
+        rows = await self.store.expiring_transfers(max(self.clock(), self._clock_ns + 1),
+                                                   EXPIRY_BATCH_MAX)
+        expired = []
+        for r in rows:
+            state = committed.setdefault(r["id"], list(r))
+            if state[PENDING_STATUS] == PendingStatus.PENDING:
+                expired.append(state)
+        return expired
+
+    async def _load_accounts(self, batch: list[Request], committed: dict[bytes, list]) -> None:
         wanted: set[bytes] = set()
         for request in batch:
             if request.transfers is not None:
@@ -241,6 +296,8 @@ class PostingEngine:
                 wanted.update(request.transfers.credit_ids)
             else:
                 wanted.update(a.id for a in request.accounts)
+        for state in committed.values():
+            wanted.update(state[1:3])
         missing = [i for i in wanted if i not in self._cache.slot_of]
         if not missing:
             return
@@ -250,84 +307,82 @@ class PostingEngine:
                             r["timestamp"], r["debits_pending"], r["debits_posted"],
                             r["credits_pending"], r["credits_posted"])
 
-    async def _load_transfers(self, batch: list[Request]) -> dict[bytes, tuple]:
-        """Committed transfers that share an id with this batch (TRANSFER_FIELDS order)."""
-        ids = list({i for r in batch if r.transfers is not None for i in r.transfers.ids})
-        if not ids:
-            return {}
-        rows = await self.store.load_transfers(shards_of(ids, self.shard_count).tolist(), ids)
-        return {r["id"]: tuple(r) for r in rows}
+    def _expire(self, expired: list[list], committed: dict[bytes, list], write: "_Writes") -> None:
+        """Release lapsed reservations, at one commit timestamp, before the batch's items."""
+        timestamp = self._stamp(1)
+        cache = self._cache
+        for state in expired:
+            debit, credit = cache.slot_of[state[1]], cache.slot_of[state[2]]
+            amount = np.uint64(state[3])
+            cache.debits_pending[debit] -= amount
+            cache.credits_pending[credit] -= amount
+            state[PENDING_STATUS] = PendingStatus.EXPIRED
+            write.status_changed[state[0]] = state
+            write.touch(debit, credit)
+            write.history_of(cache, debit, credit, timestamp)
+        log.info("reservations expired", count=len(expired), timestamp=timestamp)
 
-    def _apply_transfers(self, run: list[Request], committed: dict[bytes, tuple],
-                         transfer_rows: list[tuple], touched: list[np.ndarray]) -> list[Outcome]:
+    def _apply_transfers(self, run: list[Request], committed: dict[bytes, list],
+                         write: "_Writes") -> list[Outcome]:
         """One balance-kernel call over consecutive CreateTransfers requests."""
         cols = [r.transfers for r in run]
         ids = [i for c in cols for i in c.ids]
-        debit_ids = [i for c in cols for i in c.debit_ids]
-        credit_ids = [i for c in cols for i in c.credit_ids]
         pending_ids = [i for c in cols for i in c.pending_ids]
-        user_data = [u for c in cols for u in c.user_data]
         n = len(ids)
 
-        # Committed transfers with the same ids are appended as rows n..n+m-1.
-        existing_ids = [i for i in dict.fromkeys(ids) if i in committed]
+        # Committed transfers named by an item's id or pending_id become rows n..n+m-1.
+        existing_ids = [i for i in dict.fromkeys(ids + pending_ids) if i in committed]
         existing = [committed[i] for i in existing_ids]
         row_of = {i: n + k for k, i in enumerate(existing_ids)}
+        rows = _Rows(cols, existing, existing_ids)
         exists_row = np.array([row_of.get(i, -1) for i in ids], np.int64)
+        pending_row = np.array([row_of.get(i, -1) for i in pending_ids], np.int64)
         dup_prev = np.full(n, -1, np.int64)
+        pending_prev = np.full(n, -1, np.int64)
         last_index: dict[bytes, int] = {}
-        for index, transfer_id in enumerate(ids):
+        for index, (transfer_id, pending_id) in enumerate(zip(ids, pending_ids)):
+            if pending_id != ZERO_ID:
+                pending_prev[index] = last_index.get(pending_id, -1)
             dup_prev[index] = last_index.get(transfer_id, -1)
             last_index[transfer_id] = index
-        interned: dict[bytes, int] = {}
-        user_data_key = np.array(
-            [interned.setdefault(u, len(interned)) for u in user_data]
-            + [interned.setdefault(e[9], len(interned)) for e in existing], np.int64)
-
-        def column(name: str, dtype, field: int) -> np.ndarray:
-            own = np.concatenate([getattr(c, name) for c in cols])
-            return np.concatenate([own, np.array([e[field] for e in existing], dtype)]).astype(dtype)
-
-        id_hi, id_lo = halves(ids + existing_ids)
-        debit_hi, debit_lo = halves(debit_ids + [e[1] for e in existing])
-        credit_hi, credit_lo = halves(credit_ids + [e[2] for e in existing])
-        pending_hi, pending_lo = halves(pending_ids + [e[4] for e in existing])
-        amount = column("amount", np.uint64, 3)
-        ledger = column("ledger", np.uint32, 5)
-        code = column("code", np.uint32, 6)
-        flags = column("flags", np.uint32, 7)
-        timeout = column("timeout_seconds", np.uint32, 8)
-        precheck = np.concatenate([c.precheck for c in cols]).astype(np.uint32)
         slot_of = self._cache.slot_of
-        debit_slot = np.array([slot_of.get(i, -1) for i in debit_ids], np.int64)
-        credit_slot = np.array([slot_of.get(i, -1) for i in credit_ids], np.int64)
+        debit_slot = np.array([slot_of.get(i, -1) for i in rows.debit_ids], np.int64)
+        credit_slot = np.array([slot_of.get(i, -1) for i in rows.credit_ids], np.int64)
         chain_break = np.zeros(n, np.uint8)
         chain_break[np.cumsum([len(c) for c in cols]) - 1] = 1
-        existing_timestamp = np.array([e[10] for e in existing], np.int64)
+        status = np.array([0] * n + [e[PENDING_STATUS] for e in existing], np.uint8)
+        expires_at = np.array([0] * n + [e[EXPIRES_AT] for e in existing], np.int64)
 
         result = np.zeros(n, np.uint32)
         timestamp = np.zeros(n, np.int64)
+        amount_out = np.zeros(n, np.uint64)
+        resolved_row = np.full(n, -1, np.int64)
+        balances_after = np.zeros((n, 8), np.uint64)
         cache = self._cache
         size = cache.size
         with self.stages.stage("kernel"):
             apply_transfers(
-                id_hi, id_lo, debit_hi, debit_lo, credit_hi, credit_lo, pending_hi, pending_lo,
-                amount, ledger, code, flags, timeout, user_data_key,
-                debit_slot, credit_slot, chain_break, dup_prev, exists_row, existing_timestamp,
-                precheck, self._stamp(n),
+                rows.id_hi, rows.id_lo, rows.debit_hi, rows.debit_lo, rows.credit_hi,
+                rows.credit_lo, rows.pending_hi, rows.pending_lo, rows.amount, rows.ledger,
+                rows.code, rows.flags, rows.timeout, rows.user_data_key,
+                debit_slot, credit_slot, chain_break, dup_prev, exists_row, pending_prev,
+                pending_row, rows.existing_timestamp, rows.precheck, self._stamp(n),
                 cache.ledger[:size], cache.flags[:size],
                 cache.debits_pending[:size], cache.debits_posted[:size],
                 cache.credits_pending[:size], cache.credits_posted[:size],
-                result, timestamp,
+                status, expires_at, result, timestamp, amount_out, resolved_row, balances_after,
             )
 
+        for k, state in enumerate(existing):
+            if status[n + k] != state[PENDING_STATUS]:
+                state[PENDING_STATUS] = int(status[n + k])
+                write.status_changed[state[0]] = state
         ok = np.flatnonzero(result == TransferResult.OK)
         if len(ok):
-            touched.append(debit_slot[ok])
-            touched.append(credit_slot[ok])
-            self._collect_rows(ok, ids, debit_ids, credit_ids, pending_ids, user_data,
-                               amount, ledger, code, flags, timeout, timestamp,
-                               cache.shard[debit_slot[ok]], committed, transfer_rows)
+            # A post or void is stored with its pending transfer's accounts, ledger and code.
+            source = np.where(resolved_row[ok] >= 0, resolved_row[ok], ok)
+            self._collect(ok, source, rows, debit_slot, credit_slot, amount_out, timestamp,
+                          status, expires_at, balances_after, committed, write)
 
         outcomes = []
         start = 0
@@ -337,38 +392,130 @@ class PostingEngine:
             start += len(c)
         return outcomes
 
-    def _collect_rows(self, ok, ids, debit_ids, credit_ids, pending_ids, user_data, amount,
-                      ledger, code, flags, timeout, timestamp, seq_shards, committed, rows) -> None:
-        """Storage rows for committed transfers, each with its place in its shard's order."""
+    def _collect(self, ok, source, rows: "_Rows", debit_slot, credit_slot, amount_out, timestamp,
+                 status, expires_at, balances_after, committed, write: "_Writes") -> None:
+        """Storage rows, shard positions and history for the committed items of a run."""
+        cache = self._cache
+        dr, cr = debit_slot[source], credit_slot[source]
+        write.touched.extend((dr, cr))
+        seq_shards = cache.shard[dr]
         seq = np.empty(len(ok), np.int64)
         for shard in np.unique(seq_shards).tolist():
             where = np.flatnonzero(seq_shards == shard)
             first = self._last_seq[shard] + 1
             seq[where] = np.arange(first, first + len(where))
             self._last_seq[shard] = first + len(where) - 1
-        ok_ids = [ids[i] for i in ok.tolist()]
+        ok_ids = [rows.ids[i] for i in ok.tolist()]
         storage_shards = shards_of(ok_ids, self.shard_count).tolist()
-        for j, i in enumerate(ok.tolist()):
-            fields = (ids[i], debit_ids[i], credit_ids[i], int(amount[i]), pending_ids[i],
-                      int(ledger[i]), int(code[i]), int(flags[i]), int(timeout[i]),
-                      user_data[i], int(timestamp[i]))
-            committed[ids[i]] = fields
-            rows.append((storage_shards[j], *fields, int(seq_shards[j]), int(seq[j])))
+        for j, (i, p) in enumerate(zip(ok.tolist(), source.tolist())):
+            state = [rows.ids[i], rows.debit_ids[p], rows.credit_ids[p], int(amount_out[i]),
+                     rows.pending_ids[i], int(rows.ledger[p]), int(rows.code[p]),
+                     int(rows.flags[i]), int(rows.timeout[i]), rows.user_data[i],
+                     int(timestamp[i]), int(status[i]), int(expires_at[i])]
+            committed[rows.ids[i]] = state
+            write.transfers.append((storage_shards[j], state, int(seq_shards[j]), int(seq[j])))
+            if state[EXPIRES_AT] and state[PENDING_STATUS] == PendingStatus.PENDING:
+                write.new_expiries.append(state[EXPIRES_AT])
+        history = (cache.flags[dr] | cache.flags[cr]) & AccountFlags.HISTORY
+        for j in np.flatnonzero(history).tolist():
+            i = int(ok[j])
+            write.history_rows(cache, int(dr[j]), int(cr[j]), int(timestamp[i]), balances_after[i])
 
-    async def _write(self, created: list[int], touched: list[np.ndarray],
-                     transfer_rows: list[tuple]) -> None:
-        cache = self._cache
-        created_set = set(created)
-        slots = np.unique(np.concatenate(touched)) if touched else np.zeros(0, np.int64)
-        if created_set:
-            slots = np.array([s for s in slots.tolist() if s not in created_set], np.int64)
-        await self.store.write_batch(
-            self._lease,
-            new_accounts=[cache.row(s) for s in created],
+
+class PendingStatus(enum.IntEnum):
+    """transfers.pending_status."""
+
+    NONE = 0
+    PENDING = 1
+    POSTED = 2
+    VOIDED = 3
+    EXPIRED = 4
+
+
+PENDING_STATUS = TRANSFER_STATE.index("pending_status")
+EXPIRES_AT = TRANSFER_STATE.index("expires_at")
+EXPIRY_BATCH_MAX = 8_190
+
+
+class _Rows:
+    """The kernel's row columns: a run's items, then the committed transfers they name."""
+
+    def __init__(self, cols: list[TransferColumns], existing: list[list], existing_ids: list[bytes]):
+        self.ids = [i for c in cols for i in c.ids] + existing_ids
+        self.debit_ids = [i for c in cols for i in c.debit_ids] + [e[1] for e in existing]
+        self.credit_ids = [i for c in cols for i in c.credit_ids] + [e[2] for e in existing]
+        self.pending_ids = [i for c in cols for i in c.pending_ids] + [e[4] for e in existing]
+        self.user_data = [u for c in cols for u in c.user_data] + [e[9] for e in existing]
+        interned: dict[bytes, int] = {}
+        self.user_data_key = np.array([interned.setdefault(u, len(interned)) for u in self.user_data],
+                                      np.int64)
+        self.id_hi, self.id_lo = halves(self.ids)
+        self.debit_hi, self.debit_lo = halves(self.debit_ids)
+        self.credit_hi, self.credit_lo = halves(self.credit_ids)
+        self.pending_hi, self.pending_lo = halves(self.pending_ids)
+
+        def column(name: str, dtype, field: int) -> np.ndarray:
+            own = np.concatenate([getattr(c, name) for c in cols]).astype(dtype)
+            return np.concatenate([own, np.array([e[field] for e in existing], dtype)])
+
+        self.amount = column("amount", np.uint64, 3)
+        self.ledger = column("ledger", np.uint32, 5)
+        self.code = column("code", np.uint32, 6)
+        self.flags = column("flags", np.uint32, 7)
+        self.timeout = column("timeout_seconds", np.uint32, 8)
+        self.precheck = np.concatenate([c.precheck for c in cols]).astype(np.uint32)
+        self.existing_timestamp = np.array([e[10] for e in existing], np.int64)
+
+
+class _Writes:
+    """What one commit accumulates for storage."""
+
+    def __init__(self) -> None:
+        self.created: list[int] = []
+        self.touched: list[np.ndarray] = []
+        self.transfers: list[tuple] = []  # (storage shard, state, seq shard, seq)
+        self.status_changed: dict[bytes, list] = {}
+        self.history: list[tuple] = []
+        self.new_expiries: list[int] = []
+
+    def touch(self, *slots: int) -> None:
+        self.touched.append(np.array(slots, np.int64))
+
+    def history_of(self, cache: AccountCache, debit: int, credit: int, timestamp: int) -> None:
+        for slot in (debit, credit):
+            if cache.flags[slot] & AccountFlags.HISTORY:
+                self.history.append((int(cache.shard[slot]), cache.ids[slot], timestamp,
+                                     int(cache.debits_pending[slot]), int(cache.debits_posted[slot]),
+                                     int(cache.credits_pending[slot]), int(cache.credits_posted[slot])))
+
+    def history_rows(self, cache: AccountCache, debit: int, credit: int, timestamp: int,
+                     after: np.ndarray) -> None:
+        for slot, balances in ((debit, after[:4]), (credit, after[4:])):
+            if cache.flags[slot] & AccountFlags.HISTORY:
+                self.history.append((int(cache.shard[slot]), cache.ids[slot], timestamp,
+                                     *(int(b) for b in balances)))
+
+    def finish(self, cache: AccountCache, shard_count: int, last_seq: dict[int, int],
+               last_timestamp: int) -> BatchWrite:
+        created = set(self.created)
+        slots = np.unique(np.concatenate(self.touched)) if self.touched else np.zeros(0, np.int64)
+        if created:
+            slots = np.array([s for s in slots.tolist() if s not in created], np.int64)
+        # A transfer committed and then posted or voided within this commit is inserted with
+        # its final state; only transfers committed earlier need an UPDATE.
+        inserted = {state[0] for _, state, _, _ in self.transfers}
+        changed = [s for i, s in self.status_changed.items() if i not in inserted]
+        return BatchWrite(
+            new_accounts=[cache.row(s) for s in self.created],
             balance_updates=cache.balances(slots),
-            transfers=transfer_rows,
-            last_seq=self._last_seq,
-            last_timestamp=self._clock_ns,
+            transfers=[(shard, *state, seq_shard, seq)
+                       for shard, state, seq_shard, seq in self.transfers],
+            pending_updates=(shards_of([s[0] for s in changed], shard_count).tolist(),
+                             [s[0] for s in changed],
+                             [s[PENDING_STATUS] for s in changed]),
+            history=self.history,
+            last_seq=dict(last_seq),
+            last_timestamp=last_timestamp,
         )
 
 

@@ -6,7 +6,8 @@ Business rules are the engine's; SQL is the store's.
 """
 from __future__ import annotations
 
-import grpc
+import asyncio
+
 import numpy as np
 
 from engine import limits
@@ -16,16 +17,16 @@ from engine.ids import ZERO_ID
 from engine.posting.accounts import NewAccount
 from engine.posting.batch import TransferColumns, shards_of
 from engine.posting.engine import PostingEngine
-from engine.results import TransferFlags, TransferResult
-from engine.server.errors import InvalidRequest, Unimplemented, Violation, handle_errors
-from engine.storage.store import Store
+from engine.results import TransferResult
+from engine.server.errors import InvalidRequest, Violation, classify, handle_errors
+from engine.storage.store import AccountQuery, Store
 
-# Flags a later version serves; a request using them is UNIMPLEMENTED, not silently ignored.
-UNSERVED_TRANSFER_FLAGS = (
-    TransferFlags.PENDING | TransferFlags.POST_PENDING_TRANSFER
-    | TransferFlags.VOID_PENDING_TRANSFER | TransferFlags.BALANCING_DEBIT
-    | TransferFlags.BALANCING_CREDIT
-)
+INT64_MAX = 2**63 - 1
+FILTER_FLAGS_KNOWN = (pb.ACCOUNT_FILTER_FLAGS_DEBITS | pb.ACCOUNT_FILTER_FLAGS_CREDITS
+                      | pb.ACCOUNT_FILTER_FLAGS_REVERSED)
+# StreamTransfers: requests of one stream being committed at once; more waits (flow control).
+STREAM_IN_FLIGHT_MAX = 8
+
 
 
 def _check_count(count: int, field: str) -> None:
@@ -77,11 +78,6 @@ def decode_transfers(transfers) -> TransferColumns:
     )
     if violations:
         raise InvalidRequest(violations)
-    unserved = np.flatnonzero(columns.flags & UNSERVED_TRANSFER_FLAGS)
-    if len(unserved):
-        raise Unimplemented(
-            f"transfers[{unserved[0]}].flags: pending, post/void and balancing transfers are not "
-            "served by this engine version")
     return columns
 
 
@@ -110,6 +106,37 @@ def _lookup_ids(ids, shard_count: int) -> tuple[list[int], list[bytes]]:
     return shards_of(checked, shard_count).tolist(), checked
 
 
+def decode_filter(account_filter) -> AccountQuery:
+    """Validate an AccountFilter; raises InvalidRequest naming every bad field."""
+    f = account_filter
+    violations: list[Violation] = []
+    if len(f.account_id) != limits.ID_BYTES or f.account_id == ZERO_ID:
+        violations.append(Violation("filter.account_id", "must be a non-zero 16-byte id"))
+    if not 1 <= f.limit <= limits.BATCH_ITEMS_MAX:
+        violations.append(Violation("filter.limit", f"must be 1..{limits.BATCH_ITEMS_MAX}, got {f.limit}"))
+    if f.flags & ~FILTER_FLAGS_KNOWN:
+        violations.append(Violation("filter.flags", f"unknown bits {f.flags & ~FILTER_FLAGS_KNOWN:#x}"))
+    debits = bool(f.flags & pb.ACCOUNT_FILTER_FLAGS_DEBITS)
+    credits = bool(f.flags & pb.ACCOUNT_FILTER_FLAGS_CREDITS)
+    if not (debits or credits):
+        violations.append(Violation("filter.flags", "set DEBITS, CREDITS or both"))
+    if f.timestamp_min < 0 or f.timestamp_max < 0:
+        violations.append(Violation("filter.timestamp_min", "timestamps are not negative"))
+    timestamp_max = f.timestamp_max or INT64_MAX
+    if f.timestamp_min > timestamp_max:
+        violations.append(Violation("filter.timestamp_min", "must not exceed timestamp_max"))
+    if len(f.user_data) > limits.USER_DATA_BYTES_MAX:
+        violations.append(Violation("filter.user_data", f"at most {limits.USER_DATA_BYTES_MAX} bytes"))
+    if violations:
+        raise InvalidRequest(violations)
+    return AccountQuery(
+        account_id=f.account_id, timestamp_min=f.timestamp_min, timestamp_max=timestamp_max,
+        limit=f.limit, debits=debits, credits=credits,
+        reversed=bool(f.flags & pb.ACCOUNT_FILTER_FLAGS_REVERSED), code=f.code,
+        user_data=f.user_data or None,
+    )
+
+
 def account_message(row) -> pb.Account:
     return pb.Account(
         id=row["id"], ledger=row["ledger"], code=row["code"], flags=row["flags"],
@@ -128,6 +155,11 @@ def transfer_message(row) -> pb.Transfer:
         code=row["code"], flags=row["flags"], timeout_seconds=row["timeout_seconds"],
         user_data=row["user_data"], timestamp=row["timestamp"],
     )
+
+
+def _transfer_results(outcome) -> list[pb.CreateTransferResult]:
+    return [pb.CreateTransferResult(index=i, result=r, timestamp=t)
+            for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))]
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
@@ -152,10 +184,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             columns = decode_transfers(request.transfers)
         outcome = await self.engine.create_transfers(columns)
         with stages.stage("encode"):
-            return pb.CreateTransfersResponse(results=[
-                pb.CreateTransferResult(index=i, result=r, timestamp=t)
-                for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))
-            ])
+            return pb.CreateTransfersResponse(results=_transfer_results(outcome))
 
     @handle_errors
     async def LookupAccounts(self, request, context):
@@ -171,12 +200,50 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     @handle_errors
     async def GetAccountTransfers(self, request, context):
-        raise Unimplemented("GetAccountTransfers is not served by this engine version")
+        rows = await self.store.account_transfers(decode_filter(request.filter))
+        return pb.GetAccountTransfersResponse(transfers=[transfer_message(r) for r in rows])
 
     @handle_errors
     async def GetAccountBalances(self, request, context):
-        raise Unimplemented("GetAccountBalances is not served by this engine version")
+        query = decode_filter(request.filter)
+        shard = int(shards_of([query.account_id], self.engine.shard_count)[0])
+        rows = await self.store.account_balances(shard, query)
+        return pb.GetAccountBalancesResponse(balances=[
+            pb.AccountBalance(timestamp=r["timestamp"], debits_pending=r["debits_pending"],
+                              debits_posted=r["debits_posted"], credits_pending=r["credits_pending"],
+                              credits_posted=r["credits_posted"])
+            for r in rows
+        ])
 
     async def StreamTransfers(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "StreamTransfers is not served by this engine version")
+        """Pipelined CreateTransfers: up to STREAM_IN_FLIGHT_MAX requests of the stream commit
+        at once; responses come back in request order. A malformed request ends the stream
+        with its status (earlier requests keep their results)."""
+        in_flight: asyncio.Queue = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
+
+        async def submit() -> None:
+            try:
+                async for request in request_iterator:
+                    columns = decode_transfers(request.transfers)
+                    await in_flight.put(asyncio.ensure_future(self.engine.create_transfers(columns)))
+                await in_flight.put(None)
+            except Exception as error:  # surfaced in request order by the writer below
+                failed = asyncio.get_running_loop().create_future()
+                failed.set_exception(error)
+                await in_flight.put(failed)
+
+        reader = asyncio.create_task(submit())
+        try:
+            while (pending := await in_flight.get()) is not None:
+                try:
+                    outcome = await pending
+                except Exception as error:  # noqa: BLE001 - the boundary, as in handle_errors
+                    code, message, trailers = classify(error)
+                    await context.abort(code, message, trailing_metadata=trailers)
+                yield pb.StreamTransfersResponse(results=_transfer_results(outcome))
+        finally:
+            reader.cancel()
+            while not in_flight.empty():
+                leftover = in_flight.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()

@@ -18,6 +18,8 @@ from engine import limits
 MIGRATION_LOCK_KEY = 0x7478_6D67  # "txmg"
 _NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 DEFAULT_SHARDS = 8
+# Tables partitioned by LIST (shard), one partition per shard.
+PARTITIONED_TABLES = ("accounts", "transfers", "account_balances")
 
 
 class ShardCountMismatch(RuntimeError):
@@ -66,6 +68,7 @@ async def migrate(conn: asyncpg.Connection, shards: int | None) -> tuple[list[in
                 )
             applied.append(migration.version)
         shard_count = await _ensure_shards(conn, shards)
+        await _ensure_partitions(conn, shard_count)
         return applied, shard_count
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
@@ -85,10 +88,18 @@ async def _ensure_shards(conn: asyncpg.Connection, shards: int | None) -> int:
         await conn.execute(
             "INSERT INTO ledger_meta (key, value) VALUES ('shard_count', $1)", str(count)
         )
-        for shard in range(count):
-            for table in ("accounts", "transfers"):
-                await conn.execute(
-                    f"CREATE TABLE {table}_s{shard} PARTITION OF {table} FOR VALUES IN ({shard})"
-                )
-            await conn.execute("INSERT INTO shards (shard) VALUES ($1)", shard)
+        await conn.execute(
+            "INSERT INTO shards (shard) SELECT generate_series(0, $1 - 1)", count
+        )
     return count
+
+
+async def _ensure_partitions(conn: asyncpg.Connection, shard_count: int) -> None:
+    """One partition per shard of every partitioned table (also of tables added later)."""
+    async with conn.transaction():
+        for table in PARTITIONED_TABLES:
+            for shard in range(shard_count):
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table}_s{shard} "
+                    f"PARTITION OF {table} FOR VALUES IN ({shard})"
+                )

@@ -20,16 +20,17 @@ ACCOUNT_COLUMNS = (
     "shard", "id", "ledger", "code", "flags", "debits_pending", "debits_posted",
     "credits_pending", "credits_posted", "user_data", "timestamp",
 )
-TRANSFER_COLUMNS = (
-    "shard", "id", "debit_account_id", "credit_account_id", "amount", "pending_id", "ledger",
-    "code", "flags", "timeout_seconds", "user_data", "timestamp", "seq_shard", "seq",
-)
 # Columns of a transfer as the API returns it, in Transfer field order.
 TRANSFER_FIELDS = (
     "id", "debit_account_id", "credit_account_id", "amount", "pending_id", "ledger", "code",
     "flags", "timeout_seconds", "user_data", "timestamp",
 )
+# A transfer as the engine keeps it: the API fields, then the state of a pending transfer.
+TRANSFER_STATE = (*TRANSFER_FIELDS, "pending_status", "expires_at")
+TRANSFER_COLUMNS = ("shard", *TRANSFER_STATE, "seq_shard", "seq")
 ACCOUNT_FIELDS = ACCOUNT_COLUMNS[1:]
+BALANCE_COLUMNS = ("shard", "account_id", "timestamp", "debits_pending", "debits_posted",
+                   "credits_pending", "credits_posted")
 
 DURABLE_SYNCHRONOUS_COMMIT = {"on", "remote_apply", "remote_write", "local"}
 
@@ -44,6 +45,36 @@ class FencingLost(StorageUnavailable):
 
 class UnsafeDurability(RuntimeError):
     """Postgres is configured so that a commit may be lost; the engine refuses to run on it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AccountQuery:
+    """A validated AccountFilter; timestamp bounds are inclusive and always set."""
+
+    account_id: bytes
+    timestamp_min: int
+    timestamp_max: int
+    limit: int
+    debits: bool
+    credits: bool
+    reversed: bool
+    code: int = 0
+    user_data: bytes | None = None
+
+
+@dataclasses.dataclass
+class BatchWrite:
+    """Everything one commit writes, in storage-row form."""
+
+    new_accounts: list[tuple]  # ACCOUNT_COLUMNS
+    # (shard, id, debits_pending, debits_posted, credits_pending, credits_posted) columns
+    balance_updates: tuple[list, list, list, list, list, list]
+    transfers: list[tuple]  # TRANSFER_COLUMNS
+    # (shard, id, pending_status) columns of committed pending transfers that changed state
+    pending_updates: tuple[list, list, list]
+    history: list[tuple]  # BALANCE_COLUMNS
+    last_seq: dict[int, int]
+    last_timestamp: int
 
 
 @dataclasses.dataclass
@@ -178,23 +209,34 @@ class Store:
         )
 
     async def load_transfers(self, shards: list[int], ids: list[bytes]) -> list[asyncpg.Record]:
+        """Committed transfers by id, with their pending state (TRANSFER_STATE)."""
         assert self._writer is not None
         return await self._writer.fetch(
-            f"""SELECT {', '.join(f't.{c}' for c in TRANSFER_FIELDS)}
+            f"""SELECT {', '.join(f't.{c}' for c in TRANSFER_STATE)}
                 FROM unnest($1::int[], $2::uuid[]) AS k(shard, id)
                 JOIN transfers t ON t.shard = k.shard AND t.id = k.id""",
             shards, ids,
         )
 
-    async def write_batch(
-        self,
-        lease: ShardLease,
-        new_accounts: list[tuple],
-        balance_updates: tuple[list, list, list, list, list, list],
-        transfers: list[tuple],
-        last_seq: dict[int, int],
-        last_timestamp: int,
-    ) -> None:
+    async def expiring_transfers(self, now: int, limit: int) -> list[asyncpg.Record]:
+        """Open reservations whose expiry is at or before `now`, oldest first."""
+        assert self._writer is not None
+        return await self._writer.fetch(
+            f"""SELECT {', '.join(TRANSFER_STATE)} FROM transfers
+                WHERE pending_status = 1 AND expires_at > 0 AND expires_at <= $1
+                ORDER BY expires_at LIMIT $2""",
+            now, limit,
+        )
+
+    async def next_expiry(self) -> int:
+        """The earliest expiry of an open reservation, or 0 when none can lapse."""
+        assert self._writer is not None
+        value = await self._writer.fetchval(
+            "SELECT min(expires_at) FROM transfers WHERE pending_status = 1 AND expires_at > 0"
+        )
+        return value or 0
+
+    async def write_batch(self, lease: ShardLease, batch: BatchWrite) -> None:
         """Write one batch in one transaction, fenced by the lease's epochs."""
         conn = self._writer
         assert conn is not None
@@ -203,15 +245,16 @@ class Store:
                 """UPDATE shards SET last_seq = u.seq, last_timestamp = $1
                    FROM unnest($2::int[], $3::bigint[], $4::bigint[]) AS u(shard, epoch, seq)
                    WHERE shards.shard = u.shard AND shards.epoch = u.epoch""",
-                last_timestamp, list(lease.epochs), list(lease.epochs.values()),
-                [last_seq[s] for s in lease.epochs],
+                batch.last_timestamp, list(lease.epochs), list(lease.epochs.values()),
+                [batch.last_seq[s] for s in lease.epochs],
             )
             if fenced != f"UPDATE {len(lease.epochs)}":
                 raise FencingLost("a shard was taken over by another engine process")
-            if new_accounts:
+            if batch.new_accounts:
                 await conn.copy_records_to_table(
-                    "accounts", records=new_accounts, columns=ACCOUNT_COLUMNS
+                    "accounts", records=batch.new_accounts, columns=ACCOUNT_COLUMNS
                 )
+            balance_updates = batch.balance_updates
             if balance_updates[0]:
                 await conn.execute(
                     """UPDATE accounts AS a SET debits_pending = u.dp, debits_posted = u.dpo,
@@ -221,9 +264,20 @@ class Store:
                        WHERE a.shard = u.shard AND a.id = u.id""",
                     *balance_updates,
                 )
-            if transfers:
+            if batch.transfers:
                 await conn.copy_records_to_table(
-                    "transfers", records=transfers, columns=TRANSFER_COLUMNS
+                    "transfers", records=batch.transfers, columns=TRANSFER_COLUMNS
+                )
+            if batch.pending_updates[0]:
+                await conn.execute(
+                    """UPDATE transfers AS t SET pending_status = u.status
+                       FROM unnest($1::int[], $2::uuid[], $3::smallint[]) AS u(shard, id, status)
+                       WHERE t.shard = u.shard AND t.id = u.id""",
+                    *batch.pending_updates,
+                )
+            if batch.history:
+                await conn.copy_records_to_table(
+                    "account_balances", records=batch.history, columns=BALANCE_COLUMNS
                 )
 
     # -- readers ---------------------------------------------------------------------------
@@ -244,6 +298,44 @@ class Store:
                 FROM unnest($1::int[], $2::uuid[]) WITH ORDINALITY AS k(shard, id, n)
                 JOIN transfers t ON t.shard = k.shard AND t.id = k.id ORDER BY k.n""",
             shards, ids,
+        )
+
+    async def account_transfers(self, query: AccountQuery) -> list[asyncpg.Record]:
+        """An account's transfers in timestamp order (newest first when reversed)."""
+        assert self._pool is not None
+        order = "DESC" if query.reversed else "ASC"
+        conditions = ['"timestamp" >= $2', '"timestamp" <= $3']
+        args: list = [query.account_id, query.timestamp_min, query.timestamp_max, query.limit]
+        if query.code:
+            args.append(query.code)
+            conditions.append(f"code = ${len(args)}")
+        if query.user_data is not None:
+            args.append(query.user_data)
+            conditions.append(f"user_data = ${len(args)}")
+        where = " AND ".join(conditions)
+        fields = ", ".join(TRANSFER_FIELDS)
+        branches = [
+            f"""(SELECT {fields} FROM transfers WHERE {side} = $1 AND {where}
+                 ORDER BY "timestamp" {order} LIMIT $4)"""
+            for side, wanted in (("debit_account_id", query.debits),
+                                 ("credit_account_id", query.credits)) if wanted
+        ]
+        return await self._pool.fetch(
+            f"""SELECT * FROM ({' UNION ALL '.join(branches)}) AS t
+                ORDER BY "timestamp" {order} LIMIT $4""",
+            *args,
+        )
+
+    async def account_balances(self, shard: int, query: AccountQuery) -> list[asyncpg.Record]:
+        """Historical balances of a HISTORY account in timestamp order."""
+        assert self._pool is not None
+        order = "DESC" if query.reversed else "ASC"
+        return await self._pool.fetch(
+            f"""SELECT "timestamp", debits_pending, debits_posted, credits_pending, credits_posted
+                FROM account_balances
+                WHERE shard = $1 AND account_id = $2 AND "timestamp" BETWEEN $3 AND $4
+                ORDER BY "timestamp" {order} LIMIT $5""",
+            shard, query.account_id, query.timestamp_min, query.timestamp_max, query.limit,
         )
 
     async def ping(self) -> None:

@@ -1,8 +1,9 @@
 """The compiled apply_transfers against its plain-Python oracle, and the rules they share.
 
 Every batch in this file, random or hand-made, runs through both implementations on copies of
-the same columns (run_both); the two must agree on results, timestamps, the returned count and
-the final balances before any other assertion is made.
+the same columns (run_both); the two must agree on every output and the final balances before
+any other assertion is made. This file holds the harness and the single-phase rules;
+test_two_phase_kernel.py uses the harness for pending, post, void and balancing transfers.
 """
 from __future__ import annotations
 
@@ -15,10 +16,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.kernels import apply_transfers, results
-from engine.kernels.reference import apply_transfers_reference
+from engine.kernels.reference import (
+    BALANCES_AFTER_COLUMNS,
+    PENDING_STATUS_NONE,
+    PENDING_STATUS_PENDING,
+    apply_transfers_reference,
+)
 
 MAX = results.BALANCE_MAX
 LINKED = results.TRANSFER_FLAG_LINKED
+PENDING = results.TRANSFER_FLAG_PENDING
+POST = results.TRANSFER_FLAG_POST_PENDING_TRANSFER
+VOID = results.TRANSFER_FLAG_VOID_PENDING_TRANSFER
+BALANCING_DEBIT = results.TRANSFER_FLAG_BALANCING_DEBIT
+BALANCING_CREDIT = results.TRANSFER_FLAG_BALANCING_CREDIT
+RESERVED = 64  # the lowest bit of Transfer.flags with no meaning
 DMNEC = results.ACCOUNT_FLAG_DEBITS_MUST_NOT_EXCEED_CREDITS
 CMNED = results.ACCOUNT_FLAG_CREDITS_MUST_NOT_EXCEED_DEBITS
 CLOSED = results.ACCOUNT_FLAG_CLOSED
@@ -59,6 +71,15 @@ class Transfer:
 class Committed:
     transfer: Transfer
     timestamp: int
+    # PendingStatus; None: PENDING for a pending transfer, else NONE.
+    status: int | None = None
+    expires_at: int = 0
+
+
+# Every output of apply_transfers, and the account columns it modifies.
+OUTPUTS = ("result", "timestamp_out", "amount_out", "resolved_row", "balances_after", "status",
+           "expires_at", "acc_debits_pending", "acc_debits_posted", "acc_credits_pending",
+           "acc_credits_posted")
 
 
 @dataclass
@@ -66,9 +87,24 @@ class Outcome:
     results: list[int]
     timestamps: list[int]
     ok_count: int
+    amounts: list[int]  # amount_out
+    resolved: list[int]  # resolved_row
+    balances_after: list[list[int]]
+    status: list[int]  # per row: batch items, then committed transfers
+    expires_at: list[int]  # per row
+    debits_pending: list[int]
     debits_posted: list[int]
+    credits_pending: list[int]
     credits_posted: list[int]
     columns: dict[str, object] = field(repr=False)
+
+
+def _default_status(committed: Committed) -> int:
+    if committed.status is not None:
+        return committed.status
+    if committed.transfer.flags & PENDING:
+        return PENDING_STATUS_PENDING
+    return PENDING_STATUS_NONE
 
 
 def make_columns(
@@ -83,12 +119,15 @@ def make_columns(
     rows = transfers + [c.transfer for c in committed]
     slot_of = {a.id: k for k, a in enumerate(accounts)}
     assert len(slot_of) == len(accounts), "account ids must be distinct"
+    assert all(t.debit in slot_of and t.credit in slot_of for t in rows[n:]), (
+        "a committed transfer's accounts exist")
     committed_row = {c.transfer.id: n + k for k, c in enumerate(committed)}
     assert len(committed_row) == len(committed), "committed ids must be distinct"
     last_seen: dict[Id, int] = {}
-    dup_prev = []
+    dup_prev, pending_prev = [], []
     for i, t in enumerate(transfers):
         dup_prev.append(last_seen.get(t.id, -1))
+        pending_prev.append(last_seen.get(t.pending, -1))
         last_seen[t.id] = i
     if chain_break is None:
         chain_break = [0] * n
@@ -116,11 +155,13 @@ def make_columns(
         "flags": u32([t.flags for t in rows]),
         "timeout_seconds": u32([t.timeout_seconds for t in rows]),
         "user_data_key": i64([t.user_data_key for t in rows]),
-        "debit_slot": i64([slot_of.get(t.debit, -1) for t in transfers]),
-        "credit_slot": i64([slot_of.get(t.credit, -1) for t in transfers]),
+        "debit_slot": i64([slot_of.get(t.debit, -1) for t in rows]),
+        "credit_slot": i64([slot_of.get(t.credit, -1) for t in rows]),
         "chain_break": np.array(chain_break, dtype=np.uint8),
         "dup_prev": i64(dup_prev),
         "exists_row": i64([committed_row.get(t.id, -1) for t in transfers]),
+        "pending_prev": i64(pending_prev),
+        "pending_row": i64([committed_row.get(t.pending, -1) for t in transfers]),
         "existing_timestamp": i64([c.timestamp for c in committed]),
         "precheck": u32([t.precheck for t in transfers]),
         "timestamp_base": timestamp_base,
@@ -130,8 +171,15 @@ def make_columns(
         "acc_debits_posted": u64([a.debits_posted for a in accounts]),
         "acc_credits_pending": u64([a.credits_pending for a in accounts]),
         "acc_credits_posted": u64([a.credits_posted for a in accounts]),
+        "status": np.array([PENDING_STATUS_NONE] * n + [_default_status(c) for c in committed],
+                           dtype=np.uint8),
+        "expires_at": i64([0] * n + [c.expires_at for c in committed]),
+        # Outputs start as garbage: the kernel must write every one of them.
         "result": np.zeros(n, dtype=np.uint32),
         "timestamp_out": np.full(n, -7, dtype=np.int64),
+        "amount_out": np.full(n, 7, dtype=np.uint64),
+        "resolved_row": np.full(n, -7, dtype=np.int64),
+        "balances_after": np.full((n, BALANCES_AFTER_COLUMNS), 7, dtype=np.uint64),
     }
 
 
@@ -139,30 +187,102 @@ def copy_columns(columns: dict[str, object]) -> dict[str, object]:
     return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in columns.items()}
 
 
-def run_both(
-    accounts: list[Account],
-    transfers: list[Transfer],
-    committed: list[Committed] | None = None,
-    chain_break: list[int] | None = None,
-) -> Outcome:
-    """Run kernel and reference on copies of one batch, assert they agree, return the outcome."""
-    columns = make_columns(accounts, transfers, committed or [], chain_break)
+def run_columns(columns: dict[str, object]) -> Outcome:
+    """Run kernel and reference on copies of columns, assert they agree, return the outcome."""
     kernel = copy_columns(columns)
     reference = copy_columns(columns)
     ok_kernel = apply_transfers(**kernel)
     ok_reference = apply_transfers_reference(**reference)
-    for name in ("result", "timestamp_out", "acc_debits_pending", "acc_debits_posted",
-                 "acc_credits_pending", "acc_credits_posted"):
+    for name in OUTPUTS:
         assert kernel[name].tolist() == reference[name].tolist(), name
     assert ok_kernel == ok_reference
     return Outcome(
         results=kernel["result"].tolist(),
         timestamps=kernel["timestamp_out"].tolist(),
         ok_count=ok_kernel,
+        amounts=kernel["amount_out"].tolist(),
+        resolved=kernel["resolved_row"].tolist(),
+        balances_after=kernel["balances_after"].tolist(),
+        status=kernel["status"].tolist(),
+        expires_at=kernel["expires_at"].tolist(),
+        debits_pending=kernel["acc_debits_pending"].tolist(),
         debits_posted=kernel["acc_debits_posted"].tolist(),
+        credits_pending=kernel["acc_credits_pending"].tolist(),
         credits_posted=kernel["acc_credits_posted"].tolist(),
         columns=columns,
     )
+
+
+def run_both(
+    accounts: list[Account],
+    transfers: list[Transfer],
+    committed: list[Committed] | None = None,
+    chain_break: list[int] | None = None,
+    timestamp_base: int = TIMESTAMP_BASE,
+) -> Outcome:
+    """Run kernel and reference on one batch, assert they agree, return the outcome."""
+    return run_columns(make_columns(accounts, transfers, committed or [], chain_break,
+                                    timestamp_base))
+
+
+def assert_outputs_consistent(outcome: Outcome, timestamp_base: int = TIMESTAMP_BASE) -> None:
+    """What every item's outputs say about each other, whatever the batch."""
+    for i, r in enumerate(outcome.results):
+        assert r != results.TRANSFER_UNSPECIFIED
+        if r == results.TRANSFER_OK:
+            assert outcome.timestamps[i] == timestamp_base + i
+        else:
+            assert outcome.amounts[i] == 0
+            assert outcome.resolved[i] == -1
+            assert outcome.balances_after[i] == [0] * BALANCES_AFTER_COLUMNS
+            if r != results.TRANSFER_EXISTS:
+                assert outcome.timestamps[i] == 0
+    assert outcome.ok_count == outcome.results.count(results.TRANSFER_OK)
+
+
+def expected_movements(
+    outcome: Outcome, accounts: list[Account], committed: list[Committed]
+) -> dict[int, tuple[int, int]]:
+    """Per ledger, (pending, posted) by which debits and credits must each have grown.
+
+    Worked out from the outputs alone: an OK pending item reserves its amount_out, an OK post
+    or void releases the whole amount of the pending transfer it resolved, and every other OK
+    item (posts included) posts its amount_out.
+    """
+    columns = outcome.columns
+    n = len(outcome.results)
+    flags = columns["flags"].tolist()
+    debit_slot = columns["debit_slot"].tolist()
+    committed_amounts = [c.transfer.amount for c in committed]
+    movements: dict[int, list[int]] = {a.ledger: [0, 0] for a in accounts}
+    for i, r in enumerate(outcome.results):
+        if r != results.TRANSFER_OK:
+            continue
+        p = outcome.resolved[i]
+        moved_on = movements[accounts[debit_slot[p if p >= 0 else i]].ledger]
+        if p >= 0:
+            moved_on[0] -= outcome.amounts[p] if p < n else committed_amounts[p - n]
+        if flags[i] & PENDING:
+            moved_on[0] += outcome.amounts[i]
+        elif not flags[i] & VOID:
+            moved_on[1] += outcome.amounts[i]
+    return {ledger: (pending, posted) for ledger, (pending, posted) in movements.items()}
+
+
+def assert_double_entry(
+    outcome: Outcome, accounts: list[Account], committed: list[Committed]
+) -> None:
+    """Per ledger, debits and credits grew alike, by what the OK items say they moved."""
+    for ledger, (pending, posted) in expected_movements(outcome, accounts, committed).items():
+        in_ledger = [k for k, a in enumerate(accounts) if a.ledger == ledger]
+
+        def grown(after: list[int], attr: str) -> int:
+            return sum(after[k] - getattr(accounts[k], attr) for k in in_ledger)
+
+        assert grown(outcome.debits_pending, "debits_pending") == pending
+        assert grown(outcome.credits_pending, "credits_pending") == pending
+        assert grown(outcome.debits_posted, "debits_posted") == posted
+        assert grown(outcome.credits_posted, "credits_posted") == posted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +348,8 @@ DEFECTS = {
     "pending": lambda t: st.sampled_from([(0, 5), (5, 0)]),
     "ledger": lambda t: st.sampled_from([0, 1, 2, 3]),
     "code": lambda t: st.just(0),
-    "flags": lambda t: st.sampled_from([2, 4, 8, 16, 32, 64, 1 << 31, LINKED | 2]),
+    "flags": lambda t: st.sampled_from([PENDING, POST, VOID, BALANCING_DEBIT, BALANCING_CREDIT,
+                                        RESERVED, 1 << 31, LINKED | PENDING, PENDING | POST]),
     "timeout_seconds": lambda t: st.integers(1, 2**32 - 1),
     "precheck": lambda t: st.sampled_from([results.TRANSFER_TIMESTAMP_MUST_BE_ZERO,
                                            results.TRANSFER_PENDING_TRANSFER_NOT_FOUND]),
@@ -260,6 +381,14 @@ def fresh_transfers(
     return transfer
 
 
+def with_known_accounts(transfer: Transfer, accounts: list[Account]) -> Transfer:
+    """The transfer, on known accounts: a committed transfer's accounts exist."""
+    known = {a.id for a in accounts}
+    return replace(transfer,
+                   debit=transfer.debit if transfer.debit in known else accounts[0].id,
+                   credit=transfer.credit if transfer.credit in known else accounts[-1].id)
+
+
 @dataclass
 class Scenario:
     accounts: list[Account]
@@ -280,7 +409,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
     committed_ids = draw(st.lists(st.sampled_from(id_pool), unique=True))
     committed = [
-        Committed(replace(draw(fresh_committed), id=tid), timestamp=TIMESTAMP_BASE - 1000 + k)
+        Committed(with_known_accounts(replace(draw(fresh_committed), id=tid), accounts),
+                  timestamp=TIMESTAMP_BASE - 1000 + k)
         for k, tid in enumerate(committed_ids)
     ]
     transfers: list[Transfer] = []
@@ -300,52 +430,31 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(accounts, transfers, committed, chain_break)
 
 
-PROPERTY = settings(max_examples=300, deadline=None,
+PROPERTY = settings(max_examples=400, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @PROPERTY
 @given(scenarios())
-def test_kernel_matches_reference_on_random_batches(scenario: Scenario) -> None:
-    outcome = run_both(scenario.accounts, scenario.transfers, scenario.committed,
-                       scenario.chain_break)
-    assert all(r != results.TRANSFER_UNSPECIFIED for r in outcome.results)
-    assert outcome.ok_count == outcome.results.count(results.TRANSFER_OK)
-
-
-@PROPERTY
-@given(scenarios())
-def test_invariants_hold_after_random_batches(scenario: Scenario) -> None:
+def test_kernel_matches_reference_and_invariants_hold(scenario: Scenario) -> None:
     accounts, transfers = scenario.accounts, scenario.transfers
     outcome = run_both(accounts, transfers, scenario.committed, scenario.chain_break)
     committed_timestamps = {c.timestamp for c in scenario.committed}
 
     for i, (r, ts) in enumerate(zip(outcome.results, outcome.timestamps)):
-        if r == results.TRANSFER_OK:
-            assert ts == TIMESTAMP_BASE + i
-        elif r == results.TRANSFER_EXISTS:
+        if r == results.TRANSFER_EXISTS:
             assert ts in committed_timestamps or (
                 ts - TIMESTAMP_BASE in range(i)
                 and outcome.results[ts - TIMESTAMP_BASE] == results.TRANSFER_OK
             )
-        else:
-            assert ts == 0
+    assert_outputs_consistent(outcome)
+    assert_double_entry(outcome, accounts, scenario.committed)
 
-    # Double entry: per ledger, posted debits and posted credits grow by the same amount,
-    # the sum of the committed amounts.
-    for ledger in (1, 2):
-        in_ledger = [k for k, a in enumerate(accounts) if a.ledger == ledger]
-        debits_moved = sum(outcome.debits_posted[k] - accounts[k].debits_posted
-                           for k in in_ledger)
-        credits_moved = sum(outcome.credits_posted[k] - accounts[k].credits_posted
-                            for k in in_ledger)
-        committed_amount = sum(t.amount for t, r in zip(transfers, outcome.results)
-                               if r == results.TRANSFER_OK and t.ledger == ledger)
-        assert debits_moved == credits_moved == committed_amount
-
+    resolved_on = {s for i, p in enumerate(outcome.resolved) if p >= 0
+                   for s in (outcome.columns["debit_slot"][p], outcome.columns["credit_slot"][p])}
     for k, before in enumerate(accounts):
-        debits = before.debits_pending + outcome.debits_posted[k]
-        credits = before.credits_pending + outcome.credits_posted[k]
+        debits = outcome.debits_pending[k] + outcome.debits_posted[k]
+        credits = outcome.credits_pending[k] + outcome.credits_posted[k]
         assert debits <= MAX and credits <= MAX
         # A guarded account that was within its limit stays within it.
         if before.flags & DMNEC and (before.debits_pending + before.debits_posted
@@ -354,9 +463,12 @@ def test_invariants_hold_after_random_batches(scenario: Scenario) -> None:
         if before.flags & CMNED and (before.credits_pending + before.credits_posted
                                      <= before.debits_posted):
             assert credits <= outcome.debits_posted[k]
-        if before.flags & CLOSED:
-            assert outcome.debits_posted[k] == before.debits_posted
-            assert outcome.credits_posted[k] == before.credits_posted
+        # Only resolving a reservation moves a closed account's balances.
+        if before.flags & CLOSED and k not in resolved_on:
+            assert (outcome.debits_pending[k], outcome.debits_posted[k],
+                    outcome.credits_pending[k], outcome.credits_posted[k]) == (
+                before.debits_pending, before.debits_posted,
+                before.credits_pending, before.credits_posted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +487,7 @@ def _initial_case() -> tuple[list[Account], Transfer, Transfer | None]:
         Account(C, ledger=1, flags=CLOSED | CMNED, credits_pending=MAX - 10, credits_posted=10),
     ]
     transfer = Transfer(id=ZERO_ID, debit=ZERO_ID, credit=ZERO_ID, amount=0, pending=(0, 3),
-                        ledger=0, code=0, flags=results.TRANSFER_FLAG_PENDING, timeout_seconds=9,
+                        ledger=0, code=0, flags=RESERVED | PENDING | POST, timeout_seconds=9,
                         precheck=results.TRANSFER_TIMESTAMP_MUST_BE_ZERO)
     # The committed original differs from the final transfer in every compared field.
     original = Transfer(id=X, debit=B, credit=A, amount=5, pending=(0, 1), ledger=2, code=2,
@@ -402,8 +514,9 @@ def _drop_original(accounts, t, original):
 # (expected result, the repair that moves on to the next rule)
 PRECEDENCE = [
     (results.TRANSFER_TIMESTAMP_MUST_BE_ZERO, _set("precheck", 0)),
-    (results.TRANSFER_RESERVED_FLAG, _set("flags", 0)),
+    (results.TRANSFER_RESERVED_FLAG, _set("flags", PENDING | POST)),
     (results.TRANSFER_ID_MUST_NOT_BE_ZERO, _set("id", X)),
+    (results.TRANSFER_FLAGS_ARE_MUTUALLY_EXCLUSIVE, _set("flags", 0)),
     (results.TRANSFER_DEBIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, _set("debit", UNKNOWN_1)),
     (results.TRANSFER_CREDIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, _set("credit", UNKNOWN_1)),
     (results.TRANSFER_ACCOUNTS_MUST_BE_DIFFERENT, _set("credit", UNKNOWN_2)),
@@ -517,7 +630,7 @@ def test_open_chain_applies_nothing(flags: list[int], chain_break: list[int],
 def test_chain_with_reserved_flag_item_fails_whole_chain() -> None:
     chain = [
         Transfer(id=(0, 1), debit=A, credit=B, amount=1, flags=LINKED),
-        Transfer(id=(0, 2), debit=A, credit=B, amount=1, flags=LINKED | 2),
+        Transfer(id=(0, 2), debit=A, credit=B, amount=1, flags=LINKED | RESERVED),
         Transfer(id=(0, 3), debit=A, credit=B, amount=1),
     ]
     outcome = run_both(_funded_accounts(), chain)
@@ -616,10 +729,17 @@ def test_empty_batch() -> None:
 # Programmer errors: rejected before anything is modified.
 
 def _valid_columns() -> dict[str, object]:
+    """Rows 0-2: a batch of two duplicates and a post; rows 3-4: two committed transfers."""
+    accounts = [Account(A, debits_pending=5, credits_posted=100),
+                Account(B, credits_pending=5, debits_posted=100)]
     transfers = [Transfer(id=(0, 1), debit=A, credit=B, amount=5),
-                 Transfer(id=(0, 1), debit=A, credit=B, amount=5)]
+                 Transfer(id=(0, 1), debit=A, credit=B, amount=5),
+                 Transfer(id=(0, 2), debit=ZERO_ID, credit=ZERO_ID, amount=0, pending=(0, 9),
+                          ledger=0, code=0, flags=POST)]
     original = Committed(Transfer(id=(0, 1), debit=A, credit=B, amount=5), timestamp=1)
-    return make_columns(_funded_accounts(), transfers, [original], None)
+    pending = Committed(Transfer(id=(0, 9), debit=A, credit=B, amount=5, flags=PENDING),
+                        timestamp=2)
+    return make_columns(accounts, transfers, [original, pending], None)
 
 
 def _shorten(name: str):
@@ -634,21 +754,41 @@ def _put(name: str, index: int, value: int):
     return change
 
 
+def _replace(name: str, value: object):
+    def change(columns: dict[str, object]) -> None:
+        columns[name] = value
+    return change
+
+
 BAD_ARGUMENTS = {
     **{f"short {name}": _shorten(name) for name in (
-        "id_lo", "amount", "ledger", "user_data_key", "credit_slot", "chain_break", "dup_prev",
-        "exists_row", "existing_timestamp", "precheck", "acc_flags", "acc_credits_posted",
-        "result", "timestamp_out")},
-    "debit_slot past accounts": _put("debit_slot", 0, 3),
+        "id_lo", "amount", "ledger", "user_data_key", "debit_slot", "credit_slot", "status",
+        "expires_at", "chain_break", "dup_prev", "exists_row", "pending_prev", "pending_row",
+        "existing_timestamp", "precheck", "acc_flags", "acc_credits_posted", "result",
+        "timestamp_out", "amount_out", "resolved_row", "balances_after")},
+    "balances_after with 7 columns": _replace("balances_after", np.zeros((3, 7), np.uint64)),
+    "debit_slot past accounts": _put("debit_slot", 0, 2),
     "credit_slot below -1": _put("credit_slot", 1, -2),
+    "debit_slot of a committed row unknown": _put("debit_slot", 3, -1),
+    "credit_slot of a committed row past accounts": _put("credit_slot", 4, 2),
     "exists_row inside batch": _put("exists_row", 0, 1),
-    "exists_row past rows": _put("exists_row", 0, 3),
+    "exists_row past rows": _put("exists_row", 0, 5),
+    "pending_row inside batch": _put("pending_row", 2, 1),
+    "pending_row past rows": _put("pending_row", 2, 5),
     "dup_prev forward": _put("dup_prev", 0, 1),
     "dup_prev to itself": _put("dup_prev", 1, 1),
+    "pending_prev forward": _put("pending_prev", 0, 2),
+    "pending_prev to itself": _put("pending_prev", 2, 2),
     **{f"precheck {value}": _put("precheck", 1, value) for value in (
         results.TRANSFER_OK, results.TRANSFER_LINKED_EVENT_FAILED,
         results.TRANSFER_LINKED_EVENT_CHAIN_OPEN, results.TRANSFER_EXISTS,
         results.TRANSFER_EXCEEDS_DEBITS + 1)},
+    "status of a batch row": _put("status", 0, PENDING_STATUS_PENDING),
+    "status of a committed row that is not pending": _put("status", 3, PENDING_STATUS_PENDING),
+    "no status for a committed pending row": _put("status", 4, PENDING_STATUS_NONE),
+    "status past EXPIRED": _put("status", 4, 5),
+    "timestamp_base negative": _replace("timestamp_base", -1),
+    "timestamp_base too late for the last item": _replace("timestamp_base", 2**63 - 2),
 }
 
 
@@ -667,9 +807,13 @@ def test_bad_arguments_raise_before_any_change(implementation, change) -> None:
 
 
 def test_valid_arguments_are_accepted() -> None:
+    outcome = run_columns(_valid_columns())
+    # Both duplicates are of the committed transfer; the post resolves the committed pending.
+    assert outcome.results == [results.TRANSFER_EXISTS, results.TRANSFER_EXISTS,
+                               results.TRANSFER_OK]
     columns = _valid_columns()
-    assert apply_transfers(**copy_columns(columns)) == 0  # both duplicates of the committed one
-    assert apply_transfers_reference(**copy_columns(columns)) == 0
+    columns["timestamp_base"] = 2**63 - 3  # the last item's timestamp is the largest int64
+    assert run_columns(columns).ok_count == 1
 
 
 def test_kernel_and_reference_have_one_signature() -> None:
