@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from engine.limits import ACCOUNT_CACHE_MAX
-from engine.results import AccountFlags
+from engine.results import AccountFlags, ClosureResult
 from engine.results import AccountResult as AR
 
 ACCOUNT_FLAGS_KNOWN = sum(AccountFlags)
@@ -217,3 +217,31 @@ def create_accounts(
                 ))
         start = end + 1
     return results, timestamps, created
+
+
+def set_closed(cache: AccountCache, ids: list[bytes], close: bool,
+               timestamp_base: int) -> tuple[list[int], list[int], list[int]]:
+    """Set or clear CLOSED on existing accounts; returns (results, timestamps, slots changed).
+
+    Idempotent: an account already in the requested state is OK and unchanged. Every id must
+    already be loaded into the cache if it exists in storage.
+    """
+    results, timestamps, changed = [], [], []
+    for index, account_id in enumerate(ids):
+        slot = cache.slot_of.get(account_id)
+        if account_id == bytes(16):
+            results.append(ClosureResult.ID_MUST_NOT_BE_ZERO)
+            timestamps.append(0)
+            continue
+        if slot is None:
+            results.append(ClosureResult.ACCOUNT_NOT_FOUND)
+            timestamps.append(0)
+            continue
+        flags = int(cache.flags[slot])
+        wanted = flags | AccountFlags.CLOSED if close else flags & ~AccountFlags.CLOSED
+        if wanted != flags:
+            cache.flags[slot] = wanted
+            changed.append(slot)
+        results.append(ClosureResult.OK)
+        timestamps.append(timestamp_base + index)
+    return results, timestamps, changed

@@ -53,10 +53,15 @@ class Request:
     transfers: TransferColumns | None = None
     accounts: list[NewAccount] | None = None
     account_shards: list[int] | None = None
+    # CloseAccounts / ReopenAccounts: the ids, and whether to set or clear CLOSED.
+    closures: list[bytes] | None = None
+    close: bool = True
 
     @property
     def items(self) -> int:
-        return len(self.transfers) if self.transfers is not None else len(self.accounts or ())
+        if self.transfers is not None:
+            return len(self.transfers)
+        return len(self.accounts if self.accounts is not None else self.closures or ())
 
 
 @dataclasses.dataclass(frozen=True)

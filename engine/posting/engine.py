@@ -21,7 +21,8 @@ from engine.config import Settings
 from engine.ids import ZERO_ID, halves
 from engine.kernels import apply_transfers
 from engine.observability.stages import StageTimes
-from engine.posting.accounts import AccountCache, AccountCacheFull, NewAccount, create_accounts
+from engine.posting.accounts import (AccountCache, AccountCacheFull, NewAccount, create_accounts,
+                                     set_closed)
 from engine.posting.batch import Outcome, Request, TransferColumns, shards_of
 from engine.results import AccountFlags, TransferResult
 from engine.storage.store import (TRANSFER_STATE, BatchWrite, ShardLease, StorageUnavailable,
@@ -142,6 +143,13 @@ class PostingEngine:
             shard_items=_count(shards), accounts=accounts, account_shards=shards.tolist(),
         ))
 
+    async def set_closed(self, ids: list[bytes], close: bool) -> Outcome:
+        shards = shards_of(ids, self.shard_count)
+        return await self._submit(Request(
+            future=asyncio.get_running_loop().create_future(),
+            shard_items=_count(shards), closures=ids, close=close,
+        ))
+
     async def _submit(self, request: Request) -> Outcome:
         if request.items == 0:
             return Outcome([], [])
@@ -239,13 +247,18 @@ class PostingEngine:
             self._expire(expired, committed, write)
         outcomes: list[Outcome] = []
         for run in _runs(batch):
-            if run[0].accounts is not None:
-                request = run[0]
+            request = run[0]
+            if request.accounts is not None:
                 results, stamps, slots = create_accounts(
                     self._cache, request.accounts, request.account_shards,
                     self._stamp(len(request.accounts)),
                 )
                 write.created.extend(slots)
+                outcomes.append(Outcome(results, stamps))
+            elif request.closures is not None:
+                results, stamps, slots = set_closed(self._cache, request.closures, request.close,
+                                                    self._stamp(len(request.closures)))
+                write.flags_changed.extend(slots)
                 outcomes.append(Outcome(results, stamps))
             else:
                 with stages.stage("prepare"):
@@ -294,6 +307,8 @@ class PostingEngine:
             if request.transfers is not None:
                 wanted.update(request.transfers.debit_ids)
                 wanted.update(request.transfers.credit_ids)
+            elif request.closures is not None:
+                wanted.update(request.closures)
             else:
                 wanted.update(a.id for a in request.accounts)
         for state in committed.values():
@@ -472,6 +487,7 @@ class _Writes:
 
     def __init__(self) -> None:
         self.created: list[int] = []
+        self.flags_changed: list[int] = []
         self.touched: list[np.ndarray] = []
         self.transfers: list[tuple] = []  # (storage shard, state, seq shard, seq)
         self.status_changed: dict[bytes, list] = {}
@@ -505,8 +521,11 @@ class _Writes:
         # its final state; only transfers committed earlier need an UPDATE.
         inserted = {state[0] for _, state, _, _ in self.transfers}
         changed = [s for i, s in self.status_changed.items() if i not in inserted]
+        flag_slots = sorted(set(self.flags_changed) - created)
         return BatchWrite(
             new_accounts=[cache.row(s) for s in self.created],
+            flag_updates=(cache.shard[flag_slots].tolist(), [cache.ids[s] for s in flag_slots],
+                          cache.flags[flag_slots].astype(np.int32).tolist()),
             balance_updates=cache.balances(slots),
             transfers=[(shard, *state, seq_shard, seq)
                        for shard, state, seq_shard, seq in self.transfers],
@@ -525,10 +544,10 @@ def _count(shards: np.ndarray) -> dict[int, int]:
 
 
 def _runs(batch: list[Request]) -> Iterator[list[Request]]:
-    """Maximal runs of consecutive transfer requests; each account request is a run of one."""
+    """Maximal runs of consecutive transfer requests; every other request is a run of one."""
     run: list[Request] = []
     for request in batch:
-        if request.accounts is not None:
+        if request.transfers is None:
             if run:
                 yield run
                 run = []

@@ -12,6 +12,7 @@ import dataclasses
 from engine.limits import BALANCE_MAX, ID_BYTES
 from engine.results import AccountFlags as AF
 from engine.results import AccountResult as AR
+from engine.results import ClosureResult as CR
 from engine.results import TransferFlags as TF
 from engine.results import TransferResult as TR
 
@@ -103,6 +104,20 @@ class LedgerModel:
         self.accounts[a.id] = dataclasses.replace(a, timestamp=timestamp, history=[])
         undo.append(lambda: self.accounts.pop(a.id))
         return AR.OK, timestamp
+
+    def set_closed(self, ids: list[bytes], close: bool) -> list[int]:
+        """CloseAccounts / ReopenAccounts: results per id."""
+        results = []
+        for account_id in ids:
+            account = self.accounts.get(account_id)
+            if account_id == ZERO:
+                results.append(CR.ID_MUST_NOT_BE_ZERO)
+            elif account is None:
+                results.append(CR.ACCOUNT_NOT_FOUND)
+            else:
+                account.flags = account.flags | AF.CLOSED if close else account.flags & ~AF.CLOSED
+                results.append(CR.OK)
+        return results
 
     # -- transfers -------------------------------------------------------------------------
 

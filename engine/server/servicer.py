@@ -187,6 +187,20 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             return pb.CreateTransfersResponse(results=_transfer_results(outcome))
 
     @handle_errors
+    async def CloseAccounts(self, request, context):
+        return pb.CloseAccountsResponse(results=await self._set_closed(request.ids, True))
+
+    @handle_errors
+    async def ReopenAccounts(self, request, context):
+        return pb.ReopenAccountsResponse(results=await self._set_closed(request.ids, False))
+
+    async def _set_closed(self, ids, close: bool) -> list[pb.AccountClosureResult]:
+        _, checked = _lookup_ids(ids, self.engine.shard_count)
+        outcome = await self.engine.set_closed(checked, close)
+        return [pb.AccountClosureResult(index=i, result=r, timestamp=t)
+                for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))]
+
+    @handle_errors
     async def LookupAccounts(self, request, context):
         shards, ids = _lookup_ids(request.ids, self.engine.shard_count)
         rows = await self.store.lookup_accounts(shards, ids) if ids else []

@@ -67,6 +67,7 @@ class BatchWrite:
     """Everything one commit writes, in storage-row form."""
 
     new_accounts: list[tuple]  # ACCOUNT_COLUMNS
+    flag_updates: tuple[list, list, list]  # (shard, id, flags) columns of accounts closed/reopened
     # (shard, id, debits_pending, debits_posted, credits_pending, credits_posted) columns
     balance_updates: tuple[list, list, list, list, list, list]
     transfers: list[tuple]  # TRANSFER_COLUMNS
@@ -253,6 +254,13 @@ class Store:
             if batch.new_accounts:
                 await conn.copy_records_to_table(
                     "accounts", records=batch.new_accounts, columns=ACCOUNT_COLUMNS
+                )
+            if batch.flag_updates[0]:
+                await conn.execute(
+                    """UPDATE accounts AS a SET flags = u.flags
+                       FROM unnest($1::int[], $2::uuid[], $3::int[]) AS u(shard, id, flags)
+                       WHERE a.shard = u.shard AND a.id = u.id""",
+                    *batch.flag_updates,
                 )
             balance_updates = batch.balance_updates
             if balance_updates[0]:

@@ -194,6 +194,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self._wait_for_engine_balances()
 
     @precondition(lambda self: self.account_ids)
+    @rule(data=st.data(), close=st.booleans())
+    def close_or_reopen(self, data, close):
+        ids = [data.draw(st.sampled_from(self.account_ids)), new_id()]
+        request = pb.CloseAccountsRequest(ids=ids) if close else pb.ReopenAccountsRequest(ids=ids)
+        rpc = self.stub.CloseAccounts if close else self.stub.ReopenAccounts
+        got = [r.result for r in rpc(request).results]
+        assert got == [int(r) for r in self.model.set_closed(ids, close)]
+
+    @precondition(lambda self: self.account_ids)
     @rule()
     def restart(self):
         self.engine.stop()
