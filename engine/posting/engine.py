@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import enum
 import time
 from collections.abc import Iterator
@@ -19,7 +20,9 @@ import structlog
 
 from engine.config import Settings
 from engine.ids import ZERO_ID, halves
-from engine.kernels import apply_transfers
+from engine.kernels import _copy as copy
+from engine.kernels import apply_transfers, shard_of
+from engine.kernels._copy import encode_binary_copy
 from engine.observability.stages import StageTimes
 from engine.posting.accounts import (AccountCache, AccountCacheFull, NewAccount, create_accounts,
                                      set_closed)
@@ -66,6 +69,8 @@ class PostingEngine:
         # The engine's commit clock in nanoseconds; replaceable so tests can move time.
         self.clock = time.time_ns
         self._next_expiry = 0
+        self._lookup_commits_left = 0
+        self.optimistic_conflicts = 0  # batches applied again after an id was found committed
 
     @property
     def shard_count(self) -> int:
@@ -235,10 +240,35 @@ class PostingEngine:
         return self._next_expiry != 0 and max(self.clock(), self._clock_ns + 1) >= self._next_expiry
 
     async def _commit(self, batch: list[Request]) -> None:
+        """Commit a batch, assuming first that its transfer ids are new (no lookup of them).
+
+        Most ids are new, and Postgres' primary key proves it: a committed id makes the COPY
+        fail and the batch is applied again with every id looked up, so the results are those
+        of the lookup path. Items that fail at or after the existence step are looked up before
+        the write, since their result would be EXISTS* if their id were committed."""
+        if self._lookup_commits_left:
+            self._lookup_commits_left -= 1
+            await self._commit_once(batch, optimistic=False)
+            return
+        last_seq = dict(self._last_seq)
+        try:
+            await self._commit_once(batch, optimistic=True)
+        except (asyncpg.UniqueViolationError, _KnownIds) as conflict:
+            if isinstance(conflict, asyncpg.UniqueViolationError) and \
+                    not (conflict.constraint_name or "").startswith("transfers"):
+                raise
+            # Nothing of the attempt was committed: forget its effects and apply it again.
+            self._cache = AccountCache()
+            self._last_seq = last_seq
+            self._lookup_commits_left = LOOKUP_COMMITS_AFTER_CONFLICT
+            self.optimistic_conflicts += 1
+            await self._commit_once(batch, optimistic=False)
+
+    async def _commit_once(self, batch: list[Request], optimistic: bool) -> None:
         assert self._lease is not None
         stages = self.stages
         with stages.stage("load_transfers"):
-            committed = await self._load_transfers(batch)
+            committed = await self._load_transfers(batch, pending_only=optimistic)
             expired = await self._load_expired(committed)
         with stages.stage("load_accounts"):
             await self._load_accounts(batch, committed)
@@ -246,7 +276,9 @@ class PostingEngine:
         if expired:
             self._expire(expired, committed, write)
         outcomes: list[Outcome] = []
-        for run in _runs(batch):
+        runs = list(_runs(batch))
+        transfer_runs = [k for k, run in enumerate(runs) if run[0].transfers is not None]
+        for k, run in enumerate(runs):
             request = run[0]
             if request.accounts is not None:
                 results, stamps, slots = create_accounts(
@@ -262,7 +294,13 @@ class PostingEngine:
                 outcomes.append(Outcome(results, stamps))
             else:
                 with stages.stage("prepare"):
-                    outcomes.extend(self._apply_transfers(run, committed, write))
+                    remember = k != transfer_runs[-1]
+                    outcomes.extend(self._apply_transfers(run, committed, write, remember))
+        if optimistic and write.unverified_ids:
+            with stages.stage("load_transfers"):
+                ids = list(set(write.unverified_ids))
+                if await self.store.load_transfers(shards_of(ids, self.shard_count).tolist(), ids):
+                    raise _KnownIds()
         with stages.stage("write"):
             await self.store.write_batch(self._lease, write.finish(
                 self._cache, self.shard_count, self._last_seq, self._clock_ns))
@@ -276,10 +314,12 @@ class PostingEngine:
             if not request.future.done():
                 request.future.set_result(outcome)
 
-    async def _load_transfers(self, batch: list[Request]) -> dict[bytes, list]:
-        """Committed transfers that share an id with the batch or that it posts or voids,
-        as mutable TRANSFER_STATE rows."""
-        ids = {i for r in batch if r.transfers is not None for i in r.transfers.ids}
+    async def _load_transfers(self, batch: list[Request], pending_only: bool) -> dict[bytes, list]:
+        """Committed transfers that the batch posts or voids and, unless pending_only, those
+        that share an id with it, as mutable TRANSFER_STATE rows."""
+        ids: set[bytes] = set()
+        if not pending_only:
+            ids.update(i for r in batch if r.transfers is not None for i in r.transfers.ids)
         ids.update(i for r in batch if r.transfers is not None for i in r.transfers.pending_ids)
         ids.discard(ZERO_ID)
         if not ids:
@@ -338,7 +378,7 @@ class PostingEngine:
         log.info("reservations expired", count=len(expired), timestamp=timestamp)
 
     def _apply_transfers(self, run: list[Request], committed: dict[bytes, list],
-                         write: "_Writes") -> list[Outcome]:
+                         write: "_Writes", remember: bool) -> list[Outcome]:
         """One balance-kernel call over consecutive CreateTransfers requests."""
         cols = [r.transfers for r in run]
         ids = [i for c in cols for i in c.ids]
@@ -393,11 +433,15 @@ class PostingEngine:
                 state[PENDING_STATUS] = int(status[n + k])
                 write.status_changed[state[0]] = state
         ok = np.flatnonzero(result == TransferResult.OK)
+        if len(ok) < n:
+            # Failures at or after the existence step would be EXISTS* for a committed id.
+            late = ~np.isin(result, PRE_EXISTENCE_RESULTS) & (result != TransferResult.OK)
+            write.unverified_ids.extend(ids[i] for i in np.flatnonzero(late).tolist())
         if len(ok):
             # A post or void is stored with its pending transfer's accounts, ledger and code.
             source = np.where(resolved_row[ok] >= 0, resolved_row[ok], ok)
             self._collect(ok, source, rows, debit_slot, credit_slot, amount_out, timestamp,
-                          status, expires_at, balances_after, committed, write)
+                          status, expires_at, balances_after, committed, write, remember)
 
         outcomes = []
         start = 0
@@ -408,8 +452,12 @@ class PostingEngine:
         return outcomes
 
     def _collect(self, ok, source, rows: "_Rows", debit_slot, credit_slot, amount_out, timestamp,
-                 status, expires_at, balances_after, committed, write: "_Writes") -> None:
-        """Storage rows, shard positions and history for the committed items of a run."""
+                 status, expires_at, balances_after, committed, write: "_Writes",
+                 remember: bool) -> None:
+        """Storage columns, shard positions and history for the committed items of a run.
+
+        `remember`: a later run of this commit may name these transfers, so keep them in
+        `committed` too (a Python row each; the common single-run commit skips that)."""
         cache = self._cache
         dr, cr = debit_slot[source], credit_slot[source]
         write.touched.extend((dr, cr))
@@ -420,21 +468,82 @@ class PostingEngine:
             first = self._last_seq[shard] + 1
             seq[where] = np.arange(first, first + len(where))
             self._last_seq[shard] = first + len(where) - 1
-        ok_ids = [rows.ids[i] for i in ok.tolist()]
-        storage_shards = shards_of(ok_ids, self.shard_count).tolist()
-        for j, (i, p) in enumerate(zip(ok.tolist(), source.tolist())):
-            state = [rows.ids[i], rows.debit_ids[p], rows.credit_ids[p], int(amount_out[i]),
-                     rows.pending_ids[i], int(rows.ledger[p]), int(rows.code[p]),
-                     int(rows.flags[i]), int(rows.timeout[i]), rows.user_data[i],
-                     int(timestamp[i]), int(status[i]), int(expires_at[i])]
-            committed[rows.ids[i]] = state
-            write.transfers.append((storage_shards[j], state, int(seq_shards[j]), int(seq[j])))
-            if state[EXPIRES_AT] and state[PENDING_STATUS] == PendingStatus.PENDING:
-                write.new_expiries.append(state[EXPIRES_AT])
+        storage_shards = np.empty(len(ok), np.int32)
+        shard_of(rows.id_hi[ok], rows.id_lo[ok], self.shard_count, storage_shards)
+        user_data = [rows.user_data[i] for i in ok.tolist()]
+        write.transfer_chunks.append(TransferChunk(
+            shard=storage_shards, id_hi=rows.id_hi[ok], id_lo=rows.id_lo[ok],
+            debit_hi=rows.debit_hi[source], debit_lo=rows.debit_lo[source],
+            credit_hi=rows.credit_hi[source], credit_lo=rows.credit_lo[source],
+            amount=amount_out[ok], pending_hi=rows.pending_hi[ok], pending_lo=rows.pending_lo[ok],
+            ledger=rows.ledger[source].astype(np.int64), code=rows.code[source].astype(np.int64),
+            flags=rows.flags[ok].astype(np.int32), timeout=rows.timeout[ok].astype(np.int64),
+            user_data=user_data, timestamp=timestamp[ok], status=status[ok].astype(np.int16),
+            expires_at=expires_at[ok], seq_shard=seq_shards.astype(np.int32), seq=seq,
+        ))
+        open_expiries = expires_at[ok][(status[ok] == PendingStatus.PENDING) & (expires_at[ok] > 0)]
+        write.new_expiries.extend(open_expiries.tolist())
+        if remember:
+            for i, p in zip(ok.tolist(), source.tolist()):
+                committed[rows.ids[i]] = [
+                    rows.ids[i], rows.debit_ids[p], rows.credit_ids[p], int(amount_out[i]),
+                    rows.pending_ids[i], int(rows.ledger[p]), int(rows.code[p]),
+                    int(rows.flags[i]), int(rows.timeout[i]), rows.user_data[i],
+                    int(timestamp[i]), int(status[i]), int(expires_at[i])]
         history = (cache.flags[dr] | cache.flags[cr]) & AccountFlags.HISTORY
         for j in np.flatnonzero(history).tolist():
             i = int(ok[j])
             write.history_rows(cache, int(dr[j]), int(cr[j]), int(timestamp[i]), balances_after[i])
+
+
+@dataclasses.dataclass
+class TransferChunk:
+    """Committed transfers of one kernel call, column by column, in TRANSFER_COLUMNS order."""
+
+    shard: np.ndarray
+    id_hi: np.ndarray
+    id_lo: np.ndarray
+    debit_hi: np.ndarray
+    debit_lo: np.ndarray
+    credit_hi: np.ndarray
+    credit_lo: np.ndarray
+    amount: np.ndarray
+    pending_hi: np.ndarray
+    pending_lo: np.ndarray
+    ledger: np.ndarray
+    code: np.ndarray
+    flags: np.ndarray
+    timeout: np.ndarray
+    user_data: list[bytes]
+    timestamp: np.ndarray
+    status: np.ndarray
+    expires_at: np.ndarray
+    seq_shard: np.ndarray
+    seq: np.ndarray
+
+
+def encode_transfers(chunks: list[TransferChunk]) -> bytes | None:
+    """One binary COPY stream of every chunk's rows (TRANSFER_COLUMNS order), or None."""
+    if not chunks:
+        return None
+
+    def cat(name: str) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate([getattr(c, name) for c in chunks]))
+
+    user_data = [u for c in chunks for u in c.user_data]
+    offsets = np.zeros(len(user_data) + 1, np.int64)
+    np.cumsum([len(u) for u in user_data], out=offsets[1:])
+    rows = len(user_data)
+    return encode_binary_copy(rows, [
+        (copy.INT32, cat("shard")), (copy.UUID, cat("id_hi"), cat("id_lo")),
+        (copy.UUID, cat("debit_hi"), cat("debit_lo")),
+        (copy.UUID, cat("credit_hi"), cat("credit_lo")), (copy.INT64, cat("amount")),
+        (copy.UUID, cat("pending_hi"), cat("pending_lo")), (copy.INT64, cat("ledger")),
+        (copy.INT64, cat("code")), (copy.INT32, cat("flags")), (copy.INT64, cat("timeout")),
+        (copy.BYTEA, b"".join(user_data), offsets), (copy.INT64, cat("timestamp")),
+        (copy.INT16, cat("status")), (copy.INT64, cat("expires_at")),
+        (copy.INT32, cat("seq_shard")), (copy.INT64, cat("seq")),
+    ])
 
 
 class PendingStatus(enum.IntEnum):
@@ -446,6 +555,26 @@ class PendingStatus(enum.IntEnum):
     VOIDED = 3
     EXPIRED = 4
 
+
+class _KnownIds(Exception):
+    """An item failed where a committed id would have made it EXISTS*: look the ids up."""
+
+
+# Results decided before the existence check: the same whether or not the id is committed.
+PRE_EXISTENCE_RESULTS = np.array([TransferResult[name] for name in (
+    "TIMESTAMP_MUST_BE_ZERO", "RESERVED_FLAG", "ID_MUST_NOT_BE_ZERO",
+    "FLAGS_ARE_MUTUALLY_EXCLUSIVE", "PENDING_ID_MUST_NOT_BE_ZERO",
+    "PENDING_ID_MUST_BE_DIFFERENT", "TIMEOUT_RESERVED_FOR_PENDING_TRANSFER",
+    "DEBIT_ACCOUNT_ID_MUST_NOT_BE_ZERO", "CREDIT_ACCOUNT_ID_MUST_NOT_BE_ZERO",
+    "ACCOUNTS_MUST_BE_DIFFERENT", "PENDING_ID_MUST_BE_ZERO", "LEDGER_MUST_NOT_BE_ZERO",
+    "CODE_MUST_NOT_BE_ZERO", "AMOUNT_MUST_NOT_BE_ZERO", "DEBIT_ACCOUNT_NOT_FOUND",
+    "CREDIT_ACCOUNT_NOT_FOUND", "ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER",
+    "TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS", "PENDING_TRANSFER_NOT_FOUND",
+    "PENDING_TRANSFER_NOT_PENDING", "PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID",
+    "PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID", "PENDING_TRANSFER_HAS_DIFFERENT_LEDGER",
+    "PENDING_TRANSFER_HAS_DIFFERENT_CODE")], np.uint32)
+# After a conflict, clients are likely replaying: look ids up for this many commits.
+LOOKUP_COMMITS_AFTER_CONFLICT = 16
 
 PENDING_STATUS = TRANSFER_STATE.index("pending_status")
 EXPIRES_AT = TRANSFER_STATE.index("expires_at")
@@ -487,9 +616,10 @@ class _Writes:
 
     def __init__(self) -> None:
         self.created: list[int] = []
+        self.unverified_ids: list[bytes] = []
         self.flags_changed: list[int] = []
         self.touched: list[np.ndarray] = []
-        self.transfers: list[tuple] = []  # (storage shard, state, seq shard, seq)
+        self.transfer_chunks: list[TransferChunk] = []
         self.status_changed: dict[bytes, list] = {}
         self.history: list[tuple] = []
         self.new_expiries: list[int] = []
@@ -517,18 +647,16 @@ class _Writes:
         slots = np.unique(np.concatenate(self.touched)) if self.touched else np.zeros(0, np.int64)
         if created:
             slots = np.array([s for s in slots.tolist() if s not in created], np.int64)
-        # A transfer committed and then posted or voided within this commit is inserted with
-        # its final state; only transfers committed earlier need an UPDATE.
-        inserted = {state[0] for _, state, _, _ in self.transfers}
-        changed = [s for i, s in self.status_changed.items() if i not in inserted]
+        # The UPDATE runs after the COPY, so it also reaches a pending transfer inserted by
+        # this commit and resolved by a later run of it.
+        changed = list(self.status_changed.values())
         flag_slots = sorted(set(self.flags_changed) - created)
         return BatchWrite(
             new_accounts=[cache.row(s) for s in self.created],
             flag_updates=(cache.shard[flag_slots].tolist(), [cache.ids[s] for s in flag_slots],
                           cache.flags[flag_slots].astype(np.int32).tolist()),
             balance_updates=cache.balances(slots),
-            transfers=[(shard, *state, seq_shard, seq)
-                       for shard, state, seq_shard, seq in self.transfers],
+            transfers_copy=encode_transfers(self.transfer_chunks),
             pending_updates=(shards_of([s[0] for s in changed], shard_count).tolist(),
                              [s[0] for s in changed],
                              [s[PENDING_STATUS] for s in changed]),

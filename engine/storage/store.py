@@ -70,7 +70,7 @@ class BatchWrite:
     flag_updates: tuple[list, list, list]  # (shard, id, flags) columns of accounts closed/reopened
     # (shard, id, debits_pending, debits_posted, credits_pending, credits_posted) columns
     balance_updates: tuple[list, list, list, list, list, list]
-    transfers: list[tuple]  # TRANSFER_COLUMNS
+    transfers_copy: bytes | None  # binary COPY stream of transfers rows (TRANSFER_COLUMNS)
     # (shard, id, pending_status) columns of committed pending transfers that changed state
     pending_updates: tuple[list, list, list]
     history: list[tuple]  # BALANCE_COLUMNS
@@ -272,9 +272,10 @@ class Store:
                        WHERE a.shard = u.shard AND a.id = u.id""",
                     *balance_updates,
                 )
-            if batch.transfers:
-                await conn.copy_records_to_table(
-                    "transfers", records=batch.transfers, columns=TRANSFER_COLUMNS
+            if batch.transfers_copy is not None:
+                await conn.copy_to_table(
+                    "transfers", source=memoryview(batch.transfers_copy),
+                    columns=TRANSFER_COLUMNS, format="binary",
                 )
             if batch.pending_updates[0]:
                 await conn.execute(
