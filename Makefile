@@ -10,7 +10,7 @@ EXT_STAMP := engine/kernels/.build-stamp
 SDK_STAMP := $(VENV)/.sdk-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench chaos clean
+.PHONY: setup run test lint bench capacity chaos clean
 
 setup: $(STAMP) $(GEN_STAMP) $(EXT_STAMP) $(SDK_STAMP)
 
@@ -43,6 +43,11 @@ lint: setup
 
 bench: setup
 	$(BIN)/txengine bench
+
+# Stepped load, knee and sizing model; the report goes to bench-results/capacity/report.md.
+CAPACITY_ARGS ?=
+capacity: setup
+	$(BIN)/txengine capacity $(CAPACITY_ARGS)
 
 chaos: setup
 	$(BIN)/python -m pytest -m chaos --run-slow tests/chaos

@@ -66,11 +66,23 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet(run):
+    """Benchmarks print their own report; the engine inside them logs warnings only."""
+
+    def run_quietly(args: argparse.Namespace) -> int:
+        logs.configure("warning", "auto")
+        return run(args)
+
+    return run_quietly
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="txengine", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the gRPC API (applies migrations first)")
     _add_settings_flags(serve)
+    serve.add_argument("--metrics-listen",
+                       help="serve Prometheus /metrics on HOST:PORT [TXENGINE_METRICS_LISTEN, off]")
     serve.set_defaults(run=_serve)
     migrate = commands.add_parser("migrate", help="apply schema migrations and exit")
     _add_settings_flags(migrate)
@@ -79,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     from engine import bench as bench_module
 
     bench_module.add_arguments(bench)
-    bench.set_defaults(run=bench_module.main)
+    bench.set_defaults(run=_quiet(bench_module.main))
+    capacity = commands.add_parser(
+        "capacity", help="stepped load, knee, sizing model and a report (Markdown + PNG)")
+    from engine import capacity as capacity_module
+
+    capacity_module.add_arguments(capacity)
+    capacity.set_defaults(run=_quiet(capacity_module.main))
     args = parser.parse_args(argv)
     sys.exit(args.run(args))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pathlib
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine import limits
@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         None, description="Redis URL; unset starts an embedded Redis under data_dir"
+    )
+    metrics_listen: str | None = Field(
+        None, description="Prometheus /metrics address HOST:PORT (port 0 picks one); unset: off"
     )
     data_dir: pathlib.Path = Field(pathlib.Path(".data"), description="embedded services' data")
     shards: int | None = Field(
@@ -44,10 +47,12 @@ class Settings(BaseSettings):
     log_level: str = Field("info")
     log_format: str = Field("auto", description="json, console, or auto (console on a terminal)")
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _check_listen(cls, value: str) -> str:
+    def _check_listen(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+            raise ValueError(f"{info.field_name} must be HOST:PORT, got {value!r}")
         return value

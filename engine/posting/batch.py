@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class Request:
     # CloseAccounts / ReopenAccounts: the ids, and whether to set or clear CLOSED.
     closures: list[bytes] | None = None
     close: bool = True
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def items(self) -> int:

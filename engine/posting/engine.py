@@ -23,6 +23,7 @@ from engine.ids import ZERO_ID, halves
 from engine.kernels import _copy as copy
 from engine.kernels import apply_transfers, shard_of
 from engine.kernels._copy import encode_binary_copy
+from engine.observability import metrics
 from engine.observability.stages import StageTimes
 from engine.posting.accounts import (AccountCache, AccountCacheFull, NewAccount, create_accounts,
                                      set_closed)
@@ -191,13 +192,16 @@ class PostingEngine:
                 try:
                     await self._commit(batch)
                 except STORAGE_ERRORS as error:
+                    metrics.record_commit_failure("storage")
                     log.warning("commit failed", error=repr(error), requests=len(batch))
                     self._fail(batch, Unavailable(f"commit failed: {error}; retry with the same ids"))
                     await self._recover()
                 except AccountCacheFull as error:
+                    metrics.record_commit_failure("cache_full")
                     self._fail(batch, Overloaded(str(error)))
                     await self._recover()
                 except Exception as error:  # a defect: report it, then rebuild state from storage
+                    metrics.record_commit_failure("defect")
                     log.exception("commit crashed", requests=len(batch))
                     self._fail(batch, error)
                     await self._recover()
@@ -313,6 +317,7 @@ class PostingEngine:
         for request, outcome in zip(batch, outcomes):
             if not request.future.done():
                 request.future.set_result(outcome)
+        metrics.record_outcomes(batch, outcomes)
 
     async def _load_transfers(self, batch: list[Request], pending_only: bool) -> dict[bytes, list]:
         """Committed transfers that the batch posts or voids and, unless pending_only, those
@@ -375,7 +380,7 @@ class PostingEngine:
             write.status_changed[state[0]] = state
             write.touch(debit, credit)
             write.history_of(cache, debit, credit, timestamp)
-        log.info("reservations expired", count=len(expired), timestamp=timestamp)
+        log.info("reservations expired", count=len(expired), commit_timestamp=timestamp)
 
     def _apply_transfers(self, run: list[Request], committed: dict[bytes, list],
                          write: "_Writes", remember: bool) -> list[Outcome]:

@@ -15,15 +15,20 @@ from grpc_reflection.v1alpha import reflection
 from engine import limits
 from engine.config import Settings
 from engine.gen.txengine.v1 import ledger_pb2, ledger_pb2_grpc
+from engine.observability.metrics import MetricsServer
 from engine.posting.engine import PostingEngine
+from engine.server.interceptors import MetricsInterceptor
 from engine.server.servicer import LedgerServicer
 from engine.storage.embedded import EmbeddedPostgres, EmbeddedRedis
 from engine.storage.store import Store
 
 log = structlog.get_logger("engine.server")
 
-SERVICE_NAME = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
+LEDGER_SERVICE = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"]
+SERVICE_NAME = LEDGER_SERVICE.full_name
 HEALTH_POLL_SECONDS = 0.5
+# Redis is never on the commit path: a slow or paused one must not delay serving.
+REDIS_TIMEOUT_SECONDS = 1.0
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
@@ -65,6 +70,7 @@ class EngineApp:
     redis: aioredis.Redis
     embedded: list
     _health_task: asyncio.Task | None = None
+    metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -80,6 +86,8 @@ class EngineApp:
         await self.engine.stop(grace)
         await self.store.close()
         await self.redis.aclose()
+        if self.metrics is not None:  # last, so a final scrape still sees the drain
+            await asyncio.to_thread(self.metrics.close)
         for service in self.embedded:
             if isinstance(service, EmbeddedRedis):
                 service.close()
@@ -110,14 +118,17 @@ async def start(settings: Settings) -> EngineApp:
     engine = PostingEngine(store, settings)
     await engine.start()
 
-    redis_client = aioredis.Redis.from_url(await asyncio.to_thread(redis_url, settings, embedded))
+    redis_client = aioredis.Redis.from_url(
+        await asyncio.to_thread(redis_url, settings, embedded),
+        socket_connect_timeout=REDIS_TIMEOUT_SECONDS, socket_timeout=REDIS_TIMEOUT_SECONDS)
     try:
-        await redis_client.ping()
+        await asyncio.wait_for(redis_client.ping(), REDIS_TIMEOUT_SECONDS)
     except Exception as error:  # the engine commits without Redis
         log.warning("redis unreachable; committing without it", error=str(error))
 
     server = grpc.aio.server(options=grpc_options(),
-                             maximum_concurrent_rpcs=settings.rpc_concurrency_max)
+                             maximum_concurrent_rpcs=settings.rpc_concurrency_max,
+                             interceptors=[MetricsInterceptor(services=[LEDGER_SERVICE])])
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(engine, store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -127,6 +138,14 @@ async def start(settings: Settings) -> EngineApp:
     await server.start()
     app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded)
     app._health_task = asyncio.create_task(app._watch_health())
+    # -- observability: the Prometheus endpoint, off unless metrics_listen is set
+    if settings.metrics_listen is not None:
+        try:
+            app.metrics = MetricsServer(settings.metrics_listen, app)
+        except OSError:  # e.g. the port is taken: stop what started, then fail the start
+            await app.stop(0)
+            raise
+        log.info("metrics", listen=app.metrics.address, path="/metrics")
     host = settings.listen.rpartition(":")[0]
     if host not in LOOPBACK_HOSTS:
         log.warning("plaintext gRPC on a non-loopback address: anyone who reaches it can move money",

@@ -93,9 +93,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+# A writer transaction never waits on its client; one that does belongs to a stalled process,
+# and Postgres ends it so that the shard rows it holds are released to the next owner.
+IDLE_IN_TRANSACTION_MS = 10_000
+
+
 def _connect_kwargs() -> dict:
     return {
-        "server_settings": {"synchronous_commit": "on", "application_name": "txengine"},
+        "server_settings": {"synchronous_commit": "on", "application_name": "txengine",
+                            "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)},
         "init": _init_connection,
         "statement_cache_size": 256,
     }
@@ -179,12 +185,21 @@ class Store:
             if asyncio.get_running_loop().time() >= deadline:
                 raise StorageUnavailable("the shards are owned by another engine process")
             await asyncio.sleep(0.2)
-        rows = await self._writer.fetch(
-            """UPDATE shards SET epoch = epoch + 1, owner = $1, leased_at = now()
-               WHERE shard = ANY($2::int[])
-               RETURNING shard, epoch, last_seq, last_timestamp""",
-            self.owner, shards,
-        )
+        # A stalled previous owner may still hold the shard rows in an open transaction
+        # (sessions end such transactions after IDLE_IN_TRANSACTION_MS); wait for the rows no
+        # longer than the lease wait that remains.
+        remaining_ms = max(1, int((deadline - asyncio.get_running_loop().time()) * 1000))
+        async with self._writer.transaction():
+            await self._writer.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
+            try:
+                rows = await self._writer.fetch(
+                    """UPDATE shards SET epoch = epoch + 1, owner = $1, leased_at = now()
+                       WHERE shard = ANY($2::int[])
+                       RETURNING shard, epoch, last_seq, last_timestamp""",
+                    self.owner, shards,
+                )
+            except asyncpg.LockNotAvailableError as error:
+                raise StorageUnavailable("the shards are held by a stalled engine process") from error
         assert len(rows) == self.shard_count
         return ShardLease(
             epochs={r["shard"]: r["epoch"] for r in rows},
