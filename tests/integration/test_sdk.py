@@ -918,3 +918,21 @@ async def test_quickstart_example_runs(engine_app):
                                env={"TXENGINE_ADDRESS": engine_app.address})
     assert code == 0, out + err
     assert "EXISTS" in out and "balances" in out
+
+
+async def test_close_and_reopen_accounts(engine_app):
+    from txengine_client import AsyncClient, ClosureResult
+
+    async with AsyncClient(engine_app.address) as client:
+        account, other = Account(ledger=1, code=1), Account(ledger=1, code=1)
+        await client.create_accounts([account, other])
+        closed = await client.close_accounts([account.id, account.id, new_id()])
+        assert [(c.index, c.result) for c in closed] == [
+            (0, ClosureResult.OK), (1, ClosureResult.OK), (2, ClosureResult.ACCOUNT_NOT_FOUND)]
+        [refused] = await client.create_transfers([Transfer(
+            debit_account_id=account.id, credit_account_id=other.id, amount=1, ledger=1, code=1)])
+        assert refused.result is TransferResult.DEBIT_ACCOUNT_CLOSED
+        assert (await client.reopen_accounts([account.id]))[0].ok
+        [moved] = await client.create_transfers([Transfer(
+            debit_account_id=account.id, credit_account_id=other.id, amount=1, ledger=1, code=1)])
+        assert moved.ok

@@ -33,6 +33,8 @@ from txengine_client.ids import ZERO_ID, IdLike, as_id, new_id
 from txengine_client.options import ClientOptions, RetryPolicy
 from txengine_client.types import (
     BATCH_ITEMS_MAX,
+    ClosureOutcome,
+    ClosureResult,
     Account,
     AccountBalance,
     AccountFilter,
@@ -52,7 +54,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BATCH_ITEMS_MAX", "ZERO_ID", "Account", "AccountBalance", "AccountFilter",
     "AccountFilterFlags", "AccountFlags", "AccountResult", "AsyncClient", "Cancelled", "Client",
-    "ClientOptions", "CreateAccountResult", "CreateResult", "CreateTransferResult",
+    "ClientOptions", "ClosureOutcome", "ClosureResult", "CreateAccountResult", "CreateResult", "CreateTransferResult",
     "DeadlineExceeded", "FailedPrecondition", "FieldViolation", "IdLike", "Internal",
     "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "RetryPolicy",
     "Transfer", "TransferFlags", "TransferResult", "TxengineError", "Unauthenticated",

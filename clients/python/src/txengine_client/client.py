@@ -25,6 +25,9 @@ from txengine_client.errors import Internal, from_rpc_error
 from txengine_client.ids import IdLike
 from txengine_client.options import ClientOptions
 from txengine_client.types import (
+    ClosureOutcome,
+    ClosureResult,
+    CreateResult,
     BATCH_ITEMS_MAX,
     Account,
     AccountBalance,
@@ -111,6 +114,29 @@ class Client:
         return result
 
     # -- reading ----------------------------------------------------------------------------
+
+    def close_accounts(self, ids: Iterable[IdLike], *, deadline_s: float | None = None,
+                       correlation_id: str | None = None) -> list[ClosureOutcome]:
+        """Set CLOSED: the accounts accept no new transfers (pending ones may still be posted
+        or voided). Idempotent, so safe to retry."""
+        return self._set_closed(True, ids, deadline_s, correlation_id)
+
+    def reopen_accounts(self, ids: Iterable[IdLike], *, deadline_s: float | None = None,
+                        correlation_id: str | None = None) -> list[ClosureOutcome]:
+        """Clear CLOSED. Idempotent, so safe to retry."""
+        return self._set_closed(False, ids, deadline_s, correlation_id)
+
+    def _set_closed(self, close: bool, ids: Iterable[IdLike], deadline_s: float | None,
+                    correlation_id: str | None) -> list[ClosureOutcome]:
+        rpc = self._stub.CloseAccounts if close else self._stub.ReopenAccounts
+        message = pb.CloseAccountsRequest if close else pb.ReopenAccountsRequest
+        outcomes: list[ClosureOutcome] = []
+        for chunk in _chunks(_convert.ids_message(ids)):
+            response = self._unary(rpc, message(ids=chunk), deadline_s, correlation_id)
+            base = len(outcomes)
+            outcomes.extend(CreateResult(base + r.index, ClosureResult(r.result), r.timestamp)
+                            for r in response.results)
+        return outcomes
 
     def lookup_accounts(self, ids: Iterable[IdLike], *, deadline_s: float | None = None,
                         correlation_id: str | None = None) -> list[Account]:

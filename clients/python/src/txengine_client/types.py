@@ -226,7 +226,15 @@ class AccountFilter:
         return dataclasses.replace(self, timestamp_min=last_timestamp + 1)
 
 
-R = TypeVar("R", AccountResult, TransferResult)
+class ClosureResult(enum.IntEnum):
+    """Outcome of one account of `close_accounts` / `reopen_accounts`."""
+
+    OK = 1
+    ID_MUST_NOT_BE_ZERO = 2
+    ACCOUNT_NOT_FOUND = 3
+
+
+R = TypeVar("R", AccountResult, TransferResult, ClosureResult)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -265,3 +273,6 @@ class CreateResult(Generic[R]):
 
 CreateAccountResult = CreateResult[AccountResult]
 CreateTransferResult = CreateResult[TransferResult]
+# The outcome of one id of close_accounts / reopen_accounts (EXISTS never occurs: both are
+# idempotent and answer OK for an account already in the requested state).
+ClosureOutcome = CreateResult[ClosureResult]
