@@ -135,8 +135,10 @@ class PostingEngine:
     # -- admission -------------------------------------------------------------------------
 
     async def create_transfers(self, transfers: TransferColumns) -> Outcome:
-        shards = np.concatenate([shards_of(transfers.debit_ids, self.shard_count),
-                                 shards_of(transfers.credit_ids, self.shard_count)])
+        # A transfer takes one item of each shard it touches: one if both accounts share it.
+        debit = shards_of(transfers.debit_ids, self.shard_count)
+        credit = shards_of(transfers.credit_ids, self.shard_count)
+        shards = np.concatenate([debit, credit[credit != debit]])
         return await self._submit(Request(
             future=asyncio.get_running_loop().create_future(),
             shard_items=_count(shards), transfers=transfers,

@@ -18,7 +18,7 @@ from engine.gen.txengine.v1 import ledger_pb2, ledger_pb2_grpc
 from engine.observability.metrics import MetricsServer
 from engine.posting.engine import PostingEngine
 from engine.server.interceptors import MetricsInterceptor
-from engine.server.servicer import LedgerServicer
+from engine.server.servicer import LedgerServicer, add_to_server
 from engine.storage.embedded import EmbeddedPostgres, EmbeddedRedis
 from engine.storage.store import Store
 
@@ -129,7 +129,7 @@ async def start(settings: Settings) -> EngineApp:
     server = grpc.aio.server(options=grpc_options(),
                              maximum_concurrent_rpcs=settings.rpc_concurrency_max,
                              interceptors=[MetricsInterceptor(services=[LEDGER_SERVICE])])
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(engine, store), server)
+    add_to_server(LedgerServicer(engine, store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

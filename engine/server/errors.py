@@ -20,6 +20,9 @@ from engine.posting.engine import STORAGE_ERRORS, Overloaded, Unavailable
 log = structlog.get_logger("engine.server")
 
 ERROR_DOMAIN = "txengine.dev"
+# Field violations sent in one status: the details travel in a trailer, and clients drop
+# trailers over 8 KiB by default (grpc.max_metadata_size), which would hide the status.
+VIOLATIONS_REPORTED_MAX = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +61,14 @@ def _status(code: grpc.StatusCode, message: str, reason: str, details=()) -> tup
 def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
     """(status code, message, trailing metadata) for an exception raised by a handler."""
     if isinstance(error, InvalidRequest):
+        violations = error.violations[:VIOLATIONS_REPORTED_MAX]
+        if len(error.violations) > VIOLATIONS_REPORTED_MAX:
+            violations.append(Violation(
+                "request", f"{len(error.violations) - VIOLATIONS_REPORTED_MAX} more violations "
+                "not listed; fix the ones above and send again"))
         bad_request = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations
+            for v in violations
         ])
         return _status(grpc.StatusCode.INVALID_ARGUMENT, str(error), "INVALID_REQUEST", [bad_request])
     if isinstance(error, Overloaded):

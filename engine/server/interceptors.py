@@ -112,7 +112,8 @@ def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -
         return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
     if error is None:
         return grpc.StatusCode.OK
-    if isinstance(error, asyncio.CancelledError):
+    # A streaming handler whose client went away is closed (GeneratorExit) or cancelled.
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 
@@ -146,7 +147,12 @@ class _Call:
             log.warning("rpc failed", code=code.name, seconds=round(elapsed, 6))
         else:
             log.debug("rpc", code=code.name, seconds=round(elapsed, 6))
-        structlog.contextvars.reset_contextvars(**self._tokens)
+        try:
+            structlog.contextvars.reset_contextvars(**self._tokens)
+        except ValueError:
+            # A stream whose client went away is finalised later, in another context, where
+            # these bindings were never made: there is nothing to reset there.
+            pass
 
 
 def _unary_response(behavior, method: _Method):

@@ -7,6 +7,11 @@ Business rules are the engine's; SQL is the store's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+
+import grpc
+from google.protobuf.message import DecodeError
 
 import numpy as np
 
@@ -120,8 +125,9 @@ def decode_filter(account_filter) -> AccountQuery:
     credits = bool(f.flags & pb.ACCOUNT_FILTER_FLAGS_CREDITS)
     if not (debits or credits):
         violations.append(Violation("filter.flags", "set DEBITS, CREDITS or both"))
-    if f.timestamp_min < 0 or f.timestamp_max < 0:
-        violations.append(Violation("filter.timestamp_min", "timestamps are not negative"))
+    for name in ("timestamp_min", "timestamp_max"):
+        if getattr(f, name) < 0:
+            violations.append(Violation(f"filter.{name}", "timestamps are not negative"))
     timestamp_max = f.timestamp_max or INT64_MAX
     if f.timestamp_min > timestamp_max:
         violations.append(Violation("filter.timestamp_min", "must not exceed timestamp_max"))
@@ -261,3 +267,60 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 leftover = in_flight.get_nowait()
                 if leftover is not None:
                     leftover.cancel()
+
+
+def _parse(request_type, raw: bytes):
+    """A request message from its wire bytes; a body that does not parse is INVALID_ARGUMENT
+    like any other malformed request (grpc's own parser would answer UNKNOWN)."""
+    try:
+        return request_type.FromString(raw)
+    except DecodeError as error:
+        raise InvalidRequest([Violation(
+            "request", f"not a valid {request_type.DESCRIPTOR.full_name}: {error}")]) from error
+
+
+def _unary(method, request_type):
+    @functools.wraps(method)
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            request = _parse(request_type, raw)
+        except InvalidRequest as error:
+            code, message, trailers = classify(error)
+            await context.abort(code, message, trailing_metadata=trailers)
+        return await method(request, context)
+
+    return handler
+
+
+def _streaming(method, request_type):
+    @functools.wraps(method)
+    async def handler(raw_iterator, context: grpc.aio.ServicerContext):
+        async def requests():
+            async for raw in raw_iterator:
+                yield _parse(request_type, raw)
+
+        async with contextlib.aclosing(method(requests(), context)) as responses:
+            async for response in responses:
+                yield response
+
+    return handler
+
+
+def add_to_server(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
+    """Register LedgerService with request bodies parsed by the servicer (see _parse)."""
+    service = pb.DESCRIPTOR.services_by_name["LedgerService"]
+    handlers = {}
+    for method in service.methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        implementation = getattr(servicer, method.name)
+        if method.client_streaming:
+            assert method.server_streaming, "only bidirectional streams are served"
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(implementation, request_type),
+                response_serializer=response_type.SerializeToString)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(implementation, request_type),
+                response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
