@@ -409,7 +409,11 @@ class _DelayAck(grpc.aio.ServerInterceptor):
 
         async def answer(request, context):
             response = await inner(request, context)
-            first = request.transfers[0] if request.transfers else None
+            parsed = request
+            if isinstance(request, bytes):  # the engine parses request bodies itself
+                from engine.gen.txengine.v1 import ledger_pb2
+                parsed = ledger_pb2.CreateTransfersRequest.FromString(request)
+            first = parsed.transfers[0] if parsed.transfers else None
             if first is not None and first.user_data == DELAY_ACK:
                 marker = _done / first.id.hex()
                 if not marker.exists():
