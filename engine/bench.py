@@ -41,6 +41,7 @@ import queue
 import re
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,6 +117,19 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
         wanted = set(args.only)
         out = [s for s in out if s.name in wanted]
     return out
+
+
+def run_order(plan: list[Scenario], mix_streams: int) -> list[Scenario]:
+    """The order to run in: the mixes (hot, cross-shard, chains) right after the uniform
+    batched scenario at the same number of streams, their reference, so that the drift of a
+    long run (a growing table, other users of the machine) weighs least on the comparison."""
+
+    def rank(s: Scenario) -> int:
+        if s.group == "batched":
+            return 0 if s.callers <= mix_streams else 2
+        return {"mix": 1, "stream": 3}.get(s.group, 4)
+
+    return sorted(plan, key=rank)
 
 
 # -- requests, built before the clock ------------------------------------------------------------
@@ -219,13 +233,15 @@ def build_requests(job: dict) -> list[list[bytes]]:
 #
 # Protocol on the results queue: ("ready", i) after building; the clock starts when `start` is
 # set; ("finished", i, monotonic end, CPU seconds of the run) at the last answer; ("done", i,
-# stats) once the answers are checked; ("error", i, traceback) instead of any of them.
+# stats) once the answers are checked and, for database clients, once the parent has taken its
+# readings (`release`), so their Postgres backends are still there to be measured; ("error", i,
+# traceback) instead of any of them.
 
-def _worker(job: dict, start, results) -> None:
+def _worker(job: dict, start, release, results) -> None:
     import uvloop
 
     try:
-        uvloop.run(_WORKERS[job["kind"]](job, start, results))
+        uvloop.run(_WORKERS[job["kind"]](job, start, release, results))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the scenario
         results.put(("error", job["index"], traceback.format_exc()))
 
@@ -240,7 +256,11 @@ def _finish(results, index: int, cpu_began: float) -> None:
     results.put(("finished", index, time.monotonic(), time.process_time() - cpu_began))
 
 
-async def _grpc_worker(job: dict, start, results) -> None:
+async def _released(release) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, release.wait)
+
+
+async def _grpc_worker(job: dict, start, release, results) -> None:
     requests = build_requests(job)
     channel_count = max(1, math.ceil(job["callers"] / CALLERS_PER_CHANNEL))
     channels = [grpc.aio.insecure_channel(job["address"], options=CHANNEL_OPTIONS)
@@ -260,7 +280,7 @@ async def _grpc_worker(job: dict, start, results) -> None:
                 break
             began = time.perf_counter()
             try:
-                answer = await call(payload, timeout=120)
+                answer = await call(payload, timeout=60)
             except grpc.aio.AioRpcError as error:
                 errors[error.code().name] += 1
                 continue
@@ -268,7 +288,7 @@ async def _grpc_worker(job: dict, start, results) -> None:
             answers.append(answer)
 
     async def stream(channel, payloads: list[bytes], deadline: float) -> None:
-        call = channel.stream_stream(STREAM_TRANSFERS)(timeout=600)
+        call = channel.stream_stream(STREAM_TRANSFERS)(timeout=job["seconds"] + 60)
         window = asyncio.Semaphore(job.get("window", STREAM_WINDOW))
         sent: collections.deque[float] = collections.deque()
         mine: list[float] = []
@@ -291,7 +311,11 @@ async def _grpc_worker(job: dict, start, results) -> None:
                 window.release()
         except grpc.aio.AioRpcError as error:
             errors[error.code().name] += 1
-        await writer
+            writer.cancel()  # it may wait for a window slot that no answer will free
+        try:
+            await writer
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the call already failed
+            pass
 
     began, cpu_began = await _wait_start(start, results, job["index"])
     deadline = began + job["seconds"]
@@ -299,8 +323,6 @@ async def _grpc_worker(job: dict, start, results) -> None:
     await asyncio.gather(*(drive(channels[i % channel_count], payloads, deadline)
                            for i, payloads in enumerate(requests)))
     _finish(results, job["index"], cpu_began)
-    for channel in channels:
-        await channel.close()
     results_ok = pb.TRANSFER_RESULT_OK
     ok = 0
     outcomes: collections.Counter[str] = collections.Counter()
@@ -311,6 +333,9 @@ async def _grpc_worker(job: dict, start, results) -> None:
             else:
                 outcomes[pb.TransferResult.Name(r.result)] += 1
     flat = np.array([x for mine in latencies for x in mine], np.float64)
+    await _released(release)
+    for channel in channels:
+        await channel.close()
     results.put(("done", job["index"], {
         "requests": len(flat), "transfers": len(flat) * job["batch"], "ok": ok,
         "latencies": flat, "errors": dict(errors), "other_results": dict(outcomes)}))
@@ -326,7 +351,7 @@ async def _connect(url: str):
     return conn
 
 
-async def _naive_worker(job: dict, start, results) -> None:
+async def _naive_worker(job: dict, start, release, results) -> None:
     """The naive ledger: one transaction per transfer from many connections."""
     accounts = np.frombuffer(job["accounts"], np.uint8).reshape(-1, 16)
     rng = np.random.default_rng(job["seed"])
@@ -376,6 +401,7 @@ async def _naive_worker(job: dict, start, results) -> None:
     await asyncio.gather(*(one(conn, work[i * per:(i + 1) * per], deadline)
                            for i, conn in enumerate(conns)))
     _finish(results, job["index"], cpu_began)
+    await _released(release)
     for conn in conns:
         await conn.close()
     flat = np.array(latencies, np.float64)
@@ -427,7 +453,7 @@ def copy_columns(ids: np.ndarray, debit: np.ndarray, credit: np.ndarray, shard_c
     return encode_binary_copy(n, spec), names
 
 
-async def _copy_worker(job: dict, start, results) -> None:
+async def _copy_worker(job: dict, start, release, results) -> None:
     """Raw binary COPY of transfer rows into the engine's transfers table, N connections."""
     accounts = np.frombuffer(job["accounts"], np.uint8).reshape(-1, 16)
     rng = np.random.default_rng(job["seed"])
@@ -459,6 +485,7 @@ async def _copy_worker(job: dict, start, results) -> None:
     await asyncio.gather(*(one(conn, streams[i::count], deadline)
                            for i, conn in enumerate(conns)))
     _finish(results, job["index"], cpu_began)
+    await _released(release)
     for conn in conns:
         await conn.close()
     results.put(("done", job["index"], {"requests": len(latencies), "transfers": rows_done[0],
@@ -525,12 +552,16 @@ class PostgresProcesses:
         titles = {self.postmaster.pid: "postmaster"}
         for process in children:
             try:
-                times = process.cpu_times()
+                times = process.cpu_times()  # also of a zombie: exited, not yet reaped
+            except psutil.Error:
+                continue  # reaped just now: in the postmaster's children times from now on
+            by_pid[process.pid] = times.user + times.system
+            try:
                 title = " ".join(process.cmdline())
             except psutil.Error:
-                continue  # exited just now: counted from the next reading on, once reaped
-            by_pid[process.pid] = times.user + times.system
-            titles[process.pid] = _STATEMENT_RE.sub("", title.removeprefix("postgres: ")).strip()
+                title = ""
+            titles[process.pid] = (_STATEMENT_RE.sub("", title.removeprefix("postgres: ")).strip()
+                                   or f"pid {process.pid} (exiting)")
         return total + sum(by_pid.values()), by_pid, titles
 
 
@@ -581,6 +612,18 @@ class Meter:
             stages=self.app.engine.stages.snapshot() if self.app is not None else None)
 
 
+async def settle(meter: Meter, before: Snapshot, timeout_seconds: float = 5.0) -> None:
+    """Wait until the Postgres processes started since `before` (e.g. pgbench's backends) are
+    gone and reaped, so their CPU shows in the postmaster's children times."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        _, by_pid, _ = meter.postgres.cpu_seconds()
+        if set(by_pid) <= set(before.postgres_by_pid):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+
+
 def _lsn_bytes(lsn: str) -> int:
     high, low = lsn.split("/")
     return (int(high, 16) << 32) + int(low, 16)
@@ -626,26 +669,34 @@ async def run_workers(jobs: list[dict], meter: Meter, progress: Progress, label:
                       build_timeout: float = 600.0) -> dict:
     """Start worker processes, wait until they are built, run them, return the measurement."""
     context = multiprocessing.get_context("spawn")
-    start, results = context.Event(), context.Queue()
+    start, release, results = context.Event(), context.Event(), context.Queue()
     for index, job in enumerate(jobs):
         job["index"] = index
-    procs = [context.Process(target=_worker, args=(job, start, results), daemon=True)
+    procs = [context.Process(target=_worker, args=(job, start, release, results), daemon=True)
              for job in jobs]
     for proc in procs:
         proc.start()
 
     early: collections.defaultdict[str, list[tuple]] = collections.defaultdict(list)
 
-    async def expect(kind: str, timeout: float) -> list[tuple]:
-        """One `kind` message from each worker (a fast worker's later messages are kept)."""
-        got, deadline = early.pop(kind, []), time.monotonic() + timeout
+    async def expect(kind: str, timeout: float, patience: float | None = None) -> list[tuple]:
+        """One `kind` message from each worker (a fast worker's later messages are kept);
+        after `patience` seconds, says every 10 s who is still awaited."""
+        now = time.monotonic()
+        got, deadline = early.pop(kind, []), now + timeout
+        nag = now + (patience if patience is not None else timeout)
         while len(got) < len(procs):
             try:
                 message = await asyncio.to_thread(results.get, True, 0.5)
             except queue.Empty:
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise TimeoutError(
                         f"{label}: workers did not send {kind!r} in {timeout} s") from None
+                if now > nag:
+                    progress.say(f"{label}: still waiting for {len(procs) - len(got)} of "
+                                 f"{len(procs)} workers to send {kind!r} (requests in flight)")
+                    nag = now + 10
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(
@@ -661,8 +712,9 @@ async def run_workers(jobs: list[dict], meter: Meter, progress: Progress, label:
         before = await meter.read()
         began = time.monotonic()
         start.set()
-        finished = await expect("finished", jobs[0]["seconds"] + 300)
+        finished = await expect("finished", jobs[0]["seconds"] + 150, jobs[0]["seconds"] + 10)
         after = await meter.read()
+        release.set()
         done = await expect("done", 300)
     finally:
         for proc in procs:
@@ -749,10 +801,6 @@ async def _create_accounts(address: str, count: int) -> list[bytes]:
                 accounts=[pb.Account(id=i, ledger=1, code=1) for i in chunk]))
             assert all(r.result == pb.ACCOUNT_RESULT_OK for r in response.results)
     return ids
-
-
-def _percentile_ms(values: list[float], q: float) -> float:
-    return float(np.percentile(np.array(values), q) * 1000) if values else 0.0
 
 
 class Planner:
@@ -846,16 +894,12 @@ _TPS_RE = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
 
 async def _run(command: list[str], timeout: float) -> str:
-    process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        raise
-    text = out.decode(errors="replace")
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:2])} failed ({process.returncode}):\n{text}")
+    """Run a command in a thread (subprocess spawns it without running gRPC's fork handlers)."""
+    done = await asyncio.to_thread(subprocess.run, command, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, timeout=timeout)
+    text = done.stdout.decode(errors="replace")
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:2])} failed ({done.returncode}):\n{text}")
     return text
 
 
@@ -877,7 +921,13 @@ async def run_pgbench(probe, url: str, meter: Meter, progress: Progress, args) -
             text = await _run([binary, "-M", "prepared", "-b", "tpcb-like", "-c", str(clients),
                                "-j", str(min(clients, 2)), "-T", str(args.pgbench_seconds),
                                "-l", f"--log-prefix={prefix}", db], args.pgbench_seconds + 600)
-            after = await meter.read()
+            at_end = await meter.read()
+            await settle(meter, before)  # pgbench's backends exit after it: count their CPU
+            settled = await meter.read()
+            after = dataclasses.replace(at_end, postgres_cpu=settled.postgres_cpu,
+                                        postgres_by_pid=settled.postgres_by_pid,
+                                        postgres_titles=settled.postgres_titles)
+            ended = at_end.monotonic
             match = _TPS_RE.search(text)
             if match is None:
                 raise RuntimeError(f"no tps in pgbench output:\n{text}")
@@ -889,7 +939,7 @@ async def run_pgbench(probe, url: str, meter: Meter, progress: Progress, args) -
                 log.unlink()
             values = np.concatenate(latencies) if latencies else np.zeros(0)
             tps = float(match[1])
-            run = {"seconds": time.monotonic() - began, "requests": len(values),
+            run = {"seconds": ended - began, "requests": len(values),
                    "transfers": len(values), "ok": len(values), "latencies": values,
                    "errors": {}, "worker_cpu": 0.0, "before": before, "after": after}
             client_cpu = after.children_cpu - before.children_cpu
@@ -917,8 +967,8 @@ CREATE TABLE accounts (
 );
 CREATE TABLE transfers (
     id uuid PRIMARY KEY,
-    debit_account_id uuid NOT NULL REFERENCES accounts (id),
-    credit_account_id uuid NOT NULL REFERENCES accounts (id),
+    debit_account_id uuid NOT NULL,
+    credit_account_id uuid NOT NULL,
     amount bigint NOT NULL CHECK (amount > 0),
     ledger bigint NOT NULL,
     code bigint NOT NULL,
@@ -1272,13 +1322,16 @@ async def run(args: argparse.Namespace) -> dict:
         plan = scenarios(args)
         planner = Planner(args.seconds)
         warmup = Scenario("warm-up", "warm-up (not measured)", "unary", args.batch, 2, 2)
-        await run_scenario(warmup, app, accounts, shards, meter, Planner(0.5), progress,
-                           min(2.0, args.seconds), "[warm-up]")
+        warm = await run_scenario(warmup, app, accounts, shards, meter, Planner(0.5), progress,
+                                  min(2.0, args.seconds), "[warm-up]")
+        planner.saw(warmup, warm["transfers_per_second"])  # sizes the first batched scenario
         rows = []
         total = len(plan) + 3
-        for index, scenario in enumerate(plan, 1):
+        for index, scenario in enumerate(run_order(plan, args.mix_streams), 1):
             rows.append(await run_scenario(scenario, app, accounts, shards, meter, planner,
                                            progress, args.seconds, f"[{index}/{total}]"))
+        shown = {s.name: i for i, s in enumerate(plan)}
+        rows.sort(key=lambda r: shown[r["name"]])
         meter.app = None  # the engine is idle from here on
         progress.say(f"[{len(plan) + 1}/{total}] baseline: pgbench")
         pgbench = await run_pgbench(probe, url, meter, progress, args)
@@ -1316,7 +1369,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="about 1-2 minutes: short scenarios, a small pgbench, for tests")
     parser.add_argument("--seconds", type=float,
-                        help="load time of each scenario [12; --quick 2.5]")
+                        help="load time of each scenario [15; --quick 2.5]")
     parser.add_argument("--batch", type=int, default=BATCH,
                         help=f"transfers per batched request [{BATCH}]")
     parser.add_argument("--streams", type=ints, default=[1, 2, 4, 8],
@@ -1352,7 +1405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _defaults(args: argparse.Namespace) -> None:
     if args.seconds is None:
-        args.seconds = 2.5 if args.quick else 12.0
+        args.seconds = 2.5 if args.quick else 15.0
     if args.pgbench_scale is None:
         args.pgbench_scale = 1 if args.quick else 32
     if args.pgbench_seconds is None:
