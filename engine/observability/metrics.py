@@ -248,7 +248,7 @@ def _engine_families(engine, settings) -> Iterable[GaugeMetricFamily]:
         "txengine_optimistic_conflicts",
         "Batches written on the assumption that their ids were new, then applied again with "
         "every id looked up because one was not (idempotent replays).",
-        value=getattr(engine, "optimistic_conflicts", 0))
+        value=engine.optimistic_conflicts)
     cache = getattr(engine, "_cache", None)
     if cache is not None:
         yield _gauge("txengine_account_cache_accounts",
@@ -256,22 +256,13 @@ def _engine_families(engine, settings) -> Iterable[GaugeMetricFamily]:
 
 
 def _queue_head_age_seconds(engine) -> float | None:
-    """Needs Request.enqueued_at (monotonic seconds); absent until the engine records it."""
+    """Seconds the oldest queued request has waited (0 with an empty queue)."""
     queue = getattr(engine, "_queue", None)
     if queue is None:
         return None
-    try:
-        head = queue[0]
-    except IndexError:
-        return 0.0 if _has_enqueued_at() else None
-    enqueued_at = getattr(head, "enqueued_at", None)
-    return None if enqueued_at is None else max(0.0, time.monotonic() - enqueued_at)
-
-
-def _has_enqueued_at() -> bool:
-    from engine.posting.batch import Request
-
-    return "enqueued_at" in getattr(Request, "__dataclass_fields__", {})
+    if not queue:
+        return 0.0
+    return max(0.0, time.monotonic() - queue[0].enqueued_at)
 
 
 def _pool_families(store) -> Iterable[GaugeMetricFamily]:
