@@ -65,6 +65,7 @@ class PostingEngine:
         self._lease: ShardLease | None = None
         self._cache = AccountCache()
         self._clock_ns = 0
+        self._now = 0  # the commit clock, read once per commit
         self._last_seq: dict[int, int] = {}
         self.stages = StageTimes()
         # The engine's commit clock in nanoseconds; replaceable so tests can move time.
@@ -237,8 +238,9 @@ class PostingEngine:
 
     def _stamp(self, count: int) -> int:
         """First of `count` commit timestamps: unique, strictly increasing, never behind the
-        last committed one whatever the wall clock does."""
-        base = max(self.clock(), self._clock_ns + 1)
+        last committed one whatever the wall clock does. A commit reads the clock once, so
+        its timestamps are consecutive from that reading."""
+        base = max(self._now, self._clock_ns + 1)
         self._clock_ns = base + count - 1
         return base
 
@@ -273,9 +275,11 @@ class PostingEngine:
     async def _commit_once(self, batch: list[Request], optimistic: bool) -> None:
         assert self._lease is not None
         stages = self.stages
+        self._now = max(self.clock(), self._clock_ns + 1)
         with stages.stage("load_transfers"):
             committed = await self._load_transfers(batch, pending_only=optimistic)
-            expired = await self._load_expired(committed)
+            expiry_checked = self._expiry_within(1 + sum(request.items for request in batch))
+            expired = await self._load_expired(committed, expiry_checked) if expiry_checked else []
         with stages.stage("load_accounts"):
             await self._load_accounts(batch, committed)
         write = _Writes()
@@ -310,7 +314,7 @@ class PostingEngine:
         with stages.stage("write"):
             await self.store.write_batch(self._lease, write.finish(
                 self._cache, self.shard_count, self._last_seq, self._clock_ns))
-        if expired:
+        if expiry_checked:
             self._next_expiry = await self.store.next_expiry()
         for expires_at in write.new_expiries:
             self._next_expiry = min(self._next_expiry or expires_at, expires_at)
@@ -335,18 +339,40 @@ class PostingEngine:
         rows = await self.store.load_transfers(shards_of(ids, self.shard_count).tolist(), ids)
         return {r["id"]: list(r) for r in rows}
 
-    async def _load_expired(self, committed: dict[bytes, list]) -> list[list]:
-        """Open reservations that lapse at this commit; the shard writer expires them itself."""
-        if not self._expiry_due():
-            return []
-        rows = await self.store.expiring_transfers(max(self.clock(), self._clock_ns + 1),
-                                                   EXPIRY_BATCH_MAX)
-        expired = []
-        for r in rows:
-            state = committed.setdefault(r["id"], list(r))
-            if state[PENDING_STATUS] == PendingStatus.PENDING:
-                expired.append(state)
-        return expired
+    def _expiry_within(self, stamps: int) -> int:
+        """The last timestamp a commit handing out `stamps` timestamps may use, when an open
+        reservation can lapse by then (0 when none can)."""
+        until = self._now + stamps
+        return until if self._next_expiry and self._next_expiry <= until else 0
+
+    async def _load_expired(self, committed: dict[bytes, list], until: int) -> list[list]:
+        """Open reservations that lapse at this commit; the shard writer expires them itself.
+
+        A reservation is released before every item stamped at or after its expiry and after
+        every item stamped before it, never in between: the commit releases each reservation
+        due by the last timestamp it may use and, when one is due only after the commit's
+        clock reading, moves that reading forward to it, so the release precedes all of the
+        commit's items (which then may reach further, hence the loop)."""
+        stamps = until - self._now
+        expired: list[list] = []
+        seen: set[bytes] = set()
+        since = 0
+        while True:
+            rows = await self.store.expiring_transfers(until, EXPIRY_BATCH_MAX, since)
+            fresh = [r for r in rows if r["id"] not in seen]
+            for r in fresh:
+                seen.add(r["id"])
+                state = committed.setdefault(r["id"], list(r))
+                if state[PENDING_STATUS] == PendingStatus.PENDING:
+                    expired.append(state)
+            if fresh and len(rows) == EXPIRY_BATCH_MAX:
+                since = rows[-1]["expires_at"]  # a full page: more may be due by `until`
+                continue
+            latest = max((r["expires_at"] for r in fresh), default=0)
+            if latest <= self._now:
+                return expired
+            self._now = latest
+            since, until = until, latest + stamps
 
     async def _load_accounts(self, batch: list[Request], committed: dict[bytes, list]) -> None:
         wanted: set[bytes] = set()

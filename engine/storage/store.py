@@ -234,14 +234,17 @@ class Store:
             shards, ids,
         )
 
-    async def expiring_transfers(self, now: int, limit: int) -> list[asyncpg.Record]:
-        """Open reservations whose expiry is at or before `now`, oldest first."""
+    async def expiring_transfers(self, now: int, limit: int,
+                                 since: int = 0) -> list[asyncpg.Record]:
+        """Open reservations whose expiry is at or before `now` (and at or after `since`),
+        oldest first."""
         assert self._writer is not None
         return await self._writer.fetch(
             f"""SELECT {', '.join(TRANSFER_STATE)} FROM transfers
                 WHERE pending_status = 1 AND expires_at > 0 AND expires_at <= $1
+                  AND expires_at >= $3
                 ORDER BY expires_at LIMIT $2""",
-            now, limit,
+            now, limit, since,
         )
 
     async def next_expiry(self) -> int:

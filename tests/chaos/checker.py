@@ -604,11 +604,12 @@ def _replay(report: CheckReport, accounts: list, transfers: list, shards: list,
                 report.violation("replay", f"account {_hex(a['id'])}: replay says "
                                            f"{AR(result).name}")
     limits = AF.DEBITS_MUST_NOT_EXCEED_CREDITS | AF.CREDITS_MUST_NOT_EXCEED_DEBITS
-    # Reservations that lapse: the engine's writer releases an open reservation at some commit
-    # at or after its expiry (not necessarily the first one), and a post/void at or after the
-    # expiry is PENDING_TRANSFER_EXPIRED either way. The replay releases a reservation at its
-    # expiry when the snapshot shows it expired: never later than the engine, so every
-    # committed transfer must still replay (the engine was at least as strict).
+    # Reservations that lapse: the engine's writer releases an open reservation after every
+    # item stamped before its expiry and before every item stamped at or after it (its commit
+    # clock moves forward to the expiry when one falls among the commit's timestamps), and a
+    # post/void at or after the expiry is PENDING_TRANSFER_EXPIRED either way. So the replay
+    # releases a reservation the snapshot shows expired right at its expiry, and balancing
+    # amounts, which depend on what is still held, must come out the same.
     expired_ids = {t["id"] for t in transfers if t.get("pending_status") == EXPIRED}
     expiries: list[tuple[int, bytes]] = []  # open reservations that can lapse, by expiry
     for group in _groups(transfers, TF.LINKED):

@@ -15,6 +15,7 @@ import time
 import uuid
 
 import grpc
+import pytest
 
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.gen.txengine.v1 import ledger_pb2_grpc
@@ -300,6 +301,42 @@ async def test_a_post_past_the_timeout_is_expired_without_waiting(engine_app, st
     assert await submit(stub, resolution(POST, auth.id)) == ["PENDING_TRANSFER_EXPIRED"]
     assert await balances(stub, a, b) == [(0, 0, 0, 0), (0, 0, 0, 0)]
     assert await pending_status(db, auth.id) == ST_EXPIRED
+
+
+class SteppingClock:
+    """A commit clock held at `start`, then `step` ns later at every reading once armed."""
+
+    def __init__(self, start: int, step: int):
+        self.now, self.step, self.armed = start, step, False
+
+    def __call__(self) -> int:
+        if self.armed:
+            self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("before_ms, step_ms", [(300, 0), (300, 250), (300, 299), (300, 600),
+                                                (20, 7), (1, 1)])
+async def test_a_reservation_lapses_between_the_items_before_and_after_its_expiry(
+        engine_app, stub, before_ms, step_ms):
+    """However the clock moves while a commit is prepared, an item stamped at or after a
+    reservation's expiry sees it released and an item stamped before sees it held: a balancing
+    debit then takes all of the balance, or all but the reservation. (A commit whose clock
+    crossed the expiry between its expiry check and its stamps once took the reservation as
+    held at a timestamp past its expiry.)"""
+    bank, card, merchant, sweep = await open_accounts(stub, 0, DMNEC, 0, 0)
+    await fund(stub, bank, card, 1_000)
+    auth = transfer(card, merchant, 298, flags=PENDING, timeout_seconds=1)
+    [stamp] = await commit(stub, auth)
+    expiry = stamp + 10**9
+    clock = SteppingClock(expiry - before_ms * 10**6, step_ms * 10**6)
+    engine_app.engine.clock = clock
+    await asyncio.sleep(0.05)  # the loop goes idle on the held clock
+    clock.armed = True
+    drain = transfer(card, sweep, 1_000, flags=BAL_DR)
+    [taken] = await commit(stub, drain)
+    [swept] = await stored(stub, drain.id)
+    assert swept.amount == (1_000 if taken >= expiry else 702), (taken - expiry, swept.amount)
 
 
 async def test_expiry_is_durable_and_happens_once_across_restarts(database_url, redis_url, db):
