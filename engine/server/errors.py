@@ -99,9 +99,16 @@ def handle_errors(method):
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - the boundary that turns errors into statuses
-            code, message, trailers = classify(error)
-            if code == grpc.StatusCode.INTERNAL:
+            if classify(error)[0] == grpc.StatusCode.INTERNAL:
                 log.exception("request failed", rpc=method.__name__)
-            await context.abort(code, message, trailing_metadata=trailers)
+            await abort(context, error)
 
     return wrapper
+
+
+async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    """End the RPC with the documented status of `error` (raises grpc.aio.AbortError), keeping
+    the trailing metadata already set for it (the correlation id)."""
+    code, message, trailers = classify(error)
+    kept = tuple(context.trailing_metadata() or ())
+    await context.abort(code, message, trailing_metadata=kept + tuple(trailers))

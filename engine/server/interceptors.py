@@ -12,7 +12,9 @@ For each RPC the interceptor
 * takes the caller's ``x-correlation-id`` metadata (or makes one), binds it with the method
   name and the authenticated principal (when the channel has one) to the structlog context of
   the RPC, so every log line the RPC causes carries them, and returns it in the response's
-  initial metadata; at debug level each RPC also logs one line with its status and duration.
+  trailing metadata (a streaming response also has it in its initial metadata, at once: a
+  separate send that a unary call, answered in one go, is spared); at debug level each RPC
+  also logs one line with its status and duration.
 
 Only methods the server serves are counted, so a caller cannot grow the label sets by calling
 made-up method names.
@@ -129,6 +131,7 @@ class _Call:
         self.context = context
         self.began = time.perf_counter()
         self.correlation_id = correlation_id(context)
+        context.set_trailing_metadata(((CORRELATION_ID_KEY, self.correlation_id),))
         bound = {"correlation_id": self.correlation_id, "rpc": method.name}
         peer = principal(context)
         if peer is not None:
@@ -136,6 +139,7 @@ class _Call:
         self._tokens = structlog.contextvars.bind_contextvars(**bound)
 
     async def send_correlation_id(self) -> None:
+        """The correlation id in the initial metadata too, for a response stream."""
         await self.context.send_initial_metadata(((CORRELATION_ID_KEY, self.correlation_id),))
 
     def finish(self, error: BaseException | None) -> None:
@@ -160,7 +164,6 @@ def _unary_response(behavior, method: _Method):
         call = _Call(method, context)
         error = None
         try:
-            await call.send_correlation_id()
             response = await behavior(method.requests(request_or_iterator), context)
             method.sent.inc()
             return response

@@ -23,7 +23,7 @@ from engine.posting.accounts import NewAccount
 from engine.posting.batch import TransferColumns, shards_of
 from engine.posting.engine import PostingEngine
 from engine.results import TransferResult
-from engine.server.errors import InvalidRequest, Violation, classify, handle_errors
+from engine.server.errors import InvalidRequest, Violation, abort, handle_errors
 from engine.storage.store import AccountQuery, Store
 
 INT64_MAX = 2**63 - 1
@@ -258,8 +258,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 try:
                     outcome = await pending
                 except Exception as error:  # noqa: BLE001 - the boundary, as in handle_errors
-                    code, message, trailers = classify(error)
-                    await context.abort(code, message, trailing_metadata=trailers)
+                    await abort(context, error)
                 yield pb.StreamTransfersResponse(results=_transfer_results(outcome))
         finally:
             reader.cancel()
@@ -285,8 +284,7 @@ def _unary(method, request_type):
         try:
             request = _parse(request_type, raw)
         except InvalidRequest as error:
-            code, message, trailers = classify(error)
-            await context.abort(code, message, trailing_metadata=trailers)
+            await abort(context, error)
         return await method(request, context)
 
     return handler

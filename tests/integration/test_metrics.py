@@ -251,12 +251,28 @@ async def test_correlation_id_is_echoed_and_bound_to_logs(served, channel):
     call = stub.LookupAccounts(pb.LookupAccountsRequest(ids=[]),
                                metadata=((CORRELATION_ID_KEY, "order-42"),))
     await call
-    assert (CORRELATION_ID_KEY, "order-42") in tuple(await call.initial_metadata())
+    assert (CORRELATION_ID_KEY, "order-42") in tuple(await call.trailing_metadata())
 
     call = stub.LookupAccounts(pb.LookupAccountsRequest(ids=[]))
     await call
-    generated = dict(await call.initial_metadata())[CORRELATION_ID_KEY]
+    generated = dict(await call.trailing_metadata())[CORRELATION_ID_KEY]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
+
+    # An error keeps it beside its status details.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.LookupAccounts(pb.LookupAccountsRequest(ids=[b"short"]),
+                                  metadata=((CORRELATION_ID_KEY, "order-44"),))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trailers = dict(refused.value.trailing_metadata())
+    assert trailers[CORRELATION_ID_KEY] == "order-44"
+    assert "grpc-status-details-bin" in trailers
+
+    # A response stream has it at once, in its initial metadata, and at its end.
+    stream = stub.StreamTransfers(metadata=((CORRELATION_ID_KEY, "order-45"),))
+    assert (CORRELATION_ID_KEY, "order-45") in tuple(await stream.initial_metadata())
+    await stream.done_writing()
+    assert [r async for r in stream] == []
+    assert (CORRELATION_ID_KEY, "order-45") in tuple(await stream.trailing_metadata())
 
     with structlog.testing.capture_logs(
             processors=[structlog.contextvars.merge_contextvars]) as captured:
