@@ -134,14 +134,14 @@ class PostingEngine:
 
     # -- admission -------------------------------------------------------------------------
 
-    async def create_transfers(self, transfers: TransferColumns) -> Outcome:
+    async def create_transfers(self, transfers: TransferColumns, correlation_id: str = "") -> Outcome:
         # A transfer takes one item of each shard it touches: one if both accounts share it.
         debit = shards_of(transfers.debit_ids, self.shard_count)
         credit = shards_of(transfers.credit_ids, self.shard_count)
         shards = np.concatenate([debit, credit[credit != debit]])
         return await self._submit(Request(
             future=asyncio.get_running_loop().create_future(),
-            shard_items=_count(shards), transfers=transfers,
+            shard_items=_count(shards), transfers=transfers, correlation_id=correlation_id,
         ))
 
     async def create_accounts(self, accounts: list[NewAccount]) -> Outcome:
@@ -453,8 +453,14 @@ class PostingEngine:
         outcomes = []
         start = 0
         results, stamps = result.tolist(), timestamp.tolist()
-        for c in cols:
+        committed_ok = result == TransferResult.OK
+        for request, c in zip(run, cols):
             outcomes.append(Outcome(results[start:start + len(c)], stamps[start:start + len(c)]))
+            if request.correlation_id:
+                ok_stamps = timestamp[start:start + len(c)][committed_ok[start:start + len(c)]]
+                if len(ok_stamps):
+                    write.requests.append((int(ok_stamps[0]), int(ok_stamps[-1]),
+                                           request.correlation_id))
             start += len(c)
         return outcomes
 
@@ -630,6 +636,7 @@ class _Writes:
         self.status_changed: dict[bytes, list] = {}
         self.history: list[tuple] = []
         self.new_expiries: list[int] = []
+        self.requests: list[tuple] = []  # REQUEST_LOG_COLUMNS
 
     def touch(self, *slots: int) -> None:
         self.touched.append(np.array(slots, np.int64))
@@ -670,6 +677,7 @@ class _Writes:
             history=self.history,
             last_seq=dict(last_seq),
             last_timestamp=last_timestamp,
+            requests=self.requests,
         )
 
 

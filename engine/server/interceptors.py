@@ -20,6 +20,7 @@ made-up method names.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import inspect
 import re
@@ -37,6 +38,8 @@ CORRELATION_ID_KEY = "x-correlation-id"
 # A caller's correlation id is echoed into every log line of the RPC: short and printable only.
 CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 # Statuses that mean the server is at fault; logged as warnings (the others at debug).
+# The correlation id of the RPC being served (empty outside one).
+CORRELATION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 SERVER_ERROR_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                                 grpc.StatusCode.DATA_LOSS})
 
@@ -121,7 +124,7 @@ def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -
 class _Call:
     """One RPC in flight: started on creation, finished exactly once."""
 
-    __slots__ = ("method", "context", "began", "correlation_id", "_tokens")
+    __slots__ = ("method", "context", "began", "correlation_id", "_tokens", "_cid_token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext):
         method.started.inc()
@@ -129,6 +132,7 @@ class _Call:
         self.context = context
         self.began = time.perf_counter()
         self.correlation_id = correlation_id(context)
+        self._cid_token = CORRELATION_ID.set(self.correlation_id)
         bound = {"correlation_id": self.correlation_id, "rpc": method.name}
         peer = principal(context)
         if peer is not None:
@@ -149,6 +153,7 @@ class _Call:
             log.debug("rpc", code=code.name, seconds=round(elapsed, 6))
         try:
             structlog.contextvars.reset_contextvars(**self._tokens)
+            CORRELATION_ID.reset(self._cid_token)
         except ValueError:
             # A stream whose client went away is finalised later, in another context, where
             # these bindings were never made: there is nothing to reset there.
