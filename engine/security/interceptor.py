@@ -108,10 +108,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         return guard.Caller(principal, entitlement)
 
     async def _enter(self, principal: str, rpc: str) -> list:
-        """Admit an authenticated principal; returns the context tokens to reset."""
-        tokens = [structlog.contextvars.bind_contextvars(principal=principal)]
-        caller = self.admit(principal, rpc)
-        tokens.append(guard.CALLER.set(caller))
+        """Admit an authenticated principal; returns the context tokens to reset.
+
+        The principal stays bound in the log context until the metrics interceptor around
+        this one resets it, so that the RPC's closing log line names it too."""
+        structlog.contextvars.bind_contextvars(principal=principal)
+        tokens = [guard.CALLER.set(self.admit(principal, rpc))]
         policy = self.config.policy
         if policy is not None:
             limits = policy.limits(principal)
@@ -261,9 +263,6 @@ def _refusal_reason(error: Exception) -> str:
 def _reset(tokens: list) -> None:
     for token in reversed(tokens):
         try:
-            if isinstance(token, dict):
-                structlog.contextvars.reset_contextvars(**token)
-            else:
-                token.var.reset(token)
+            token.var.reset(token)
         except ValueError:
             pass  # a stream finalised in another context; nothing was bound there
