@@ -82,8 +82,9 @@ class RateLimited(Exception):
 class RateLimiter:
     """GCRA limits in Redis, falling back to process memory while Redis fails."""
 
-    def __init__(self, redis: aioredis.Redis | None):
+    def __init__(self, redis: aioredis.Redis | None, clock=time.monotonic):
         self._redis = redis
+        self._clock = clock  # seconds, for the local buckets
         self._script = redis.register_script(GCRA_LUA) if redis is not None else None
         self._redis_down_until = 0.0 if redis is not None else math.inf
         self._local: dict[str, float] = {}
@@ -120,7 +121,7 @@ class RateLimiter:
         return self._charge_locally(rates)
 
     def _charge_locally(self, rates: list[Rate]) -> float:
-        now = time.monotonic() * 1e6
+        now = self._clock() * 1e6
         tats = []
         for rate in rates:
             tat = max(self._local.get(rate.key, now), now)
