@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import pathlib
+import hashlib
 import subprocess
 import sys
 import urllib.parse
@@ -463,3 +463,34 @@ def test_logs_contain_no_secret(material, database_url, redis_url):
     key_body = b"".join(paths["server-key"].read_bytes().splitlines()[1:-1]).decode()
     for secret in (password, good, bad, good.split(".")[2], key_body[:40]):
         assert secret not in logs
+
+
+# -- the SDK and streams -----------------------------------------------------------------------
+
+async def test_the_sdk_speaks_mutual_tls_with_a_token(secure_app, material, db):
+    from txengine_client import Account, AsyncClient, ClientOptions
+
+    paths = material["paths"]
+    options = ClientOptions(root_certificates=paths["ca"], certificate_chain=paths["payments"],
+                            private_key=paths["payments-key"], server_name_override="localhost",
+                            token=token(material, "svc-free"))
+    async with AsyncClient(secure_app.address, options=options) as client:
+        made = Account(ledger=1, code=10)
+        [result] = await client.create_accounts([made])
+        assert result.is_ok_or_exists
+        assert [a.id for a in await client.lookup_accounts([made.id])] == [made.id]
+    assert await db.fetchval("SELECT principal FROM audit_log") == "svc-free"
+
+
+async def test_every_message_of_a_stream_is_audited(secure_app, material, db):
+    channel, stub = secure_stub(secure_app, material, "payments")
+    async with channel:
+        a, b = await _accounts(stub, 10, 10)
+        requests = [pb.CreateTransfersRequest(transfers=[transfer(a, b, 1)]) for _ in range(3)]
+        replies = [r async for r in stub.StreamTransfers(iter(requests))]
+    assert len(replies) == 3
+    rows = await db.fetch("SELECT rpc, outcome, request_digest FROM audit_log "
+                          "WHERE rpc = 'StreamTransfers' ORDER BY seq")
+    assert [(r["rpc"], r["outcome"], r["request_digest"]) for r in rows] == [
+        ("StreamTransfers", "OK", hashlib.sha256(q.SerializeToString()).digest())
+        for q in requests]
