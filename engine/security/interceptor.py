@@ -124,6 +124,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 f"{principal}:requests", limits.requests_per_second, limits.burst_seconds, 1)])
         return tokens
 
+    def _leave(self, principal: str) -> None:
+        self._in_flight[principal] -= 1
+        if not self._in_flight[principal]:
+            del self._in_flight[principal]  # one entry per principal with RPCs in flight
+
     # -- audit -----------------------------------------------------------------------------
 
     async def audit(self, principal: str, rpc: str, raw_digest: bytes, code: grpc.StatusCode,
@@ -185,7 +190,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                         raise error
                     return response
                 finally:
-                    self._in_flight[principal] -= 1
+                    self._leave(principal)
             finally:
                 _reset(tokens)
 
@@ -224,7 +229,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     error = raised
                     raise
                 finally:
-                    self._in_flight[principal] -= 1
+                    self._leave(principal)
                     code = final_code(context, error)
                     # Requests of the stream left without a response end with its status.
                     if code != grpc.StatusCode.OK and (mutating or code in AUDITED_FAILURES):
