@@ -168,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
 
     bench_module.add_arguments(bench)
     bench.set_defaults(run=_quiet(bench_module.main))
+    bench_security = commands.add_parser(
+        "bench-security", help="throughput and latency with TLS, tokens, policy and audit on")
+    from engine.security import bench as security_bench
+
+    security_bench.add_arguments(bench_security)
+    bench_security.set_defaults(run=_quiet(security_bench.main))
     capacity = commands.add_parser(
         "capacity", help="stepped load, knee, sizing model and a report (Markdown + PNG)")
     from engine import capacity as capacity_module

@@ -24,6 +24,7 @@ from engine.kernels import _copy as copy
 from engine.kernels import apply_transfers, shard_of
 from engine.kernels._copy import encode_binary_copy
 from engine.observability import metrics
+from engine.observability.correlation import CORRELATION_ID
 from engine.observability.stages import StageTimes
 from engine.posting.accounts import (AccountCache, AccountCacheFull, NewAccount, create_accounts,
                                      set_closed)
@@ -134,14 +135,15 @@ class PostingEngine:
 
     # -- admission -------------------------------------------------------------------------
 
-    async def create_transfers(self, transfers: TransferColumns, correlation_id: str = "") -> Outcome:
+    async def create_transfers(self, transfers: TransferColumns) -> Outcome:
         # A transfer takes one item of each shard it touches: one if both accounts share it.
         debit = shards_of(transfers.debit_ids, self.shard_count)
         credit = shards_of(transfers.credit_ids, self.shard_count)
         shards = np.concatenate([debit, credit[credit != debit]])
         return await self._submit(Request(
             future=asyncio.get_running_loop().create_future(),
-            shard_items=_count(shards), transfers=transfers, correlation_id=correlation_id,
+            shard_items=_count(shards), transfers=transfers,
+            correlation_id=CORRELATION_ID.get(),
         ))
 
     async def create_accounts(self, accounts: list[NewAccount]) -> Outcome:

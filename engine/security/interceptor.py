@@ -31,7 +31,8 @@ from engine.security.policy import MUTATING_RPCS, Policy
 from engine.security.ratelimit import Rate, RateLimited, RateLimiter
 from engine.security.tokens import TokenVerifier, Unauthenticated
 from engine.server.errors import classify
-from engine.server.interceptors import CORRELATION_ID, final_code
+from engine.observability.correlation import CORRELATION_ID
+from engine.server.interceptors import final_code
 
 log = structlog.get_logger("engine.security")
 

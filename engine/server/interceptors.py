@@ -20,7 +20,6 @@ made-up method names.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import inspect
 import re
@@ -31,6 +30,7 @@ import grpc
 import structlog
 
 from engine.observability import metrics
+from engine.observability.correlation import CORRELATION_ID
 
 log = structlog.get_logger("engine.rpc")
 
@@ -38,8 +38,6 @@ CORRELATION_ID_KEY = "x-correlation-id"
 # A caller's correlation id is echoed into every log line of the RPC: short and printable only.
 CORRELATION_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 # Statuses that mean the server is at fault; logged as warnings (the others at debug).
-# The correlation id of the RPC being served (empty outside one).
-CORRELATION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 SERVER_ERROR_CODES = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
                                 grpc.StatusCode.DATA_LOSS})
 

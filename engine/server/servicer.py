@@ -25,7 +25,6 @@ from engine.posting.engine import PostingEngine
 from engine.results import TransferResult
 from engine.security.guard import Guard
 from engine.server.errors import InvalidRequest, Violation, classify, handle_errors
-from engine.server.interceptors import CORRELATION_ID
 from engine.storage.store import AccountQuery, Store
 
 INT64_MAX = 2**63 - 1
@@ -202,7 +201,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         with stages.stage("decode"):
             columns = decode_transfers(request.transfers)
         await self._admit_transfers(columns)
-        outcome = await self.engine.create_transfers(columns, CORRELATION_ID.get())
+        outcome = await self.engine.create_transfers(columns)
         with stages.stage("encode"):
             return pb.CreateTransfersResponse(results=_transfer_results(outcome))
 
@@ -267,15 +266,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         at once; responses come back in request order. A malformed request ends the stream
         with its status (earlier requests keep their results)."""
         in_flight: asyncio.Queue = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
-        correlation_id = CORRELATION_ID.get()
 
         async def submit() -> None:
             try:
                 async for request in request_iterator:
                     columns = decode_transfers(request.transfers)
                     await self._admit_transfers(columns)
-                    await in_flight.put(asyncio.ensure_future(
-                        self.engine.create_transfers(columns, correlation_id)))
+                    await in_flight.put(asyncio.ensure_future(self.engine.create_transfers(columns)))
                 await in_flight.put(None)
             except Exception as error:  # surfaced in request order by the writer below
                 failed = asyncio.get_running_loop().create_future()

@@ -426,9 +426,14 @@ async def test_the_correlation_id_is_stored_with_each_transfer(stub, db):
     call = stub.CreateTransfers(pb.CreateTransfersRequest(transfers=[second]))
     await call
     generated = dict(await call.initial_metadata())["x-correlation-id"]
+    streamed = [transfer(a.id, b.id, 1) for _ in range(2)]
+    stream = stub.StreamTransfers(iter([pb.CreateTransfersRequest(transfers=[t]) for t in streamed]),
+                                  metadata=(("x-correlation-id", "batch-file-9"),))
+    assert len([r async for r in stream]) == 2
     rows = await db.fetch("SELECT transfer_id, correlation_id FROM transfer_correlation")
     assert {r["transfer_id"].bytes: r["correlation_id"] for r in rows} == {
-        first[0].id: "order-4711", first[1].id: "order-4711", second.id: generated}
+        first[0].id: "order-4711", first[1].id: "order-4711", second.id: generated,
+        streamed[0].id: "batch-file-9", streamed[1].id: "batch-file-9"}
 
 
 # -- secrets in logs ---------------------------------------------------------------------------
