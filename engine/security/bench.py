@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-callers", type=int, default=2,
                         help="concurrent batched callers [2]")
     parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds over every mode, in turn; the median is reported [2]")
 
 
 def _transfers(account_ids: list[bytes], count: int, seed: int) -> list:
@@ -139,7 +141,7 @@ async def _run(args: argparse.Namespace) -> list[dict]:
     client_credentials = (paths["ca"].read_bytes(), paths["bench-key"].read_bytes(),
                           paths["bench"].read_bytes())
     rows = []
-    for number, mode in enumerate(MODES):
+    for number, mode in [(n, m) for _ in range(args.rounds) for n, m in enumerate(MODES)]:
         name = f"bench_security_{number}_{uuid.uuid4().hex[:6]}"
         await asyncio.to_thread(postgres._server.psql, f"CREATE DATABASE {name};")
         secured = mode != "plaintext"
@@ -169,6 +171,9 @@ async def _run(args: argparse.Namespace) -> list[dict]:
             base = {"address": app.address, "accounts": ids, "seconds": args.seconds,
                     "credentials": client_credentials if secured else None,
                     "token": token if mode == "mtls-token-audit" else None}
+            await asyncio.to_thread(_measure, {  # warm-up, not reported
+                **base, "seconds": 1.0, "callers": 2, "batch": 1_000, "requests": 20,
+                "seed": 7})
             for load, callers, batch, requests in (
                     ("one transfer per RPC", args.callers, 1, int(args.seconds * 6_000)),
                     (f"batched {BATCH_TRANSFERS:,}", args.batch_callers, BATCH_TRANSFERS,
@@ -184,12 +189,24 @@ async def _run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _medians(rows: list[dict]) -> list[dict]:
+    """One row per mode and load: the median of each figure over the rounds."""
+    keys = list(dict.fromkeys((r["mode"], r["load"]) for r in rows))
+    merged = []
+    for mode, load in keys:
+        runs = [r for r in rows if (r["mode"], r["load"]) == (mode, load)]
+        merged.append({**runs[0], **{name: float(np.median([r[name] for r in runs]))
+                                     for name in ("transfers_per_second", "p50_ms", "p99_ms")}})
+    return merged
+
+
 def main(args: argparse.Namespace) -> int:
     print("txengine bench-security: embedded Postgres, fsync and synchronous_commit on; "
           "load from a separate process")
-    rows = asyncio.run(_run(args))
+    rows = _medians(asyncio.run(_run(args)))
     plain = {r["load"]: r for r in rows if r["mode"] == "plaintext"}
-    print(f"\n{'mode':<17} {'load':<22} {'callers':>7} {'transfers/s':>12} {'p50 ms':>8} "
+    print(f"\nmedian of {args.rounds} rounds")
+    print(f"{'mode':<17} {'load':<22} {'callers':>7} {'transfers/s':>12} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'vs plaintext':>12}")
     for r in rows:
         ratio = r["transfers_per_second"] / plain[r["load"]]["transfers_per_second"]
