@@ -53,6 +53,10 @@ burst_seconds = 1
 [principals."svc-free"]
 rpcs = ["*"]
 
+[principals."svc-single"]
+rpcs = ["*"]
+concurrent_rpcs_max = 1
+
 [principals."svc-readonly"]
 rpcs = ["LookupAccounts"]
 """
@@ -350,6 +354,27 @@ async def test_one_principal_is_rate_limited_while_another_is_not(secure_app, ma
         retry = details(error, error_details_pb2.RetryInfo)
         assert retry is not None and retry.retry_delay.ToNanoseconds() > 0
     assert outcomes[40:] == [None] * 40
+
+
+async def test_a_principal_has_at_most_its_concurrent_rpcs(secure_app, material):
+    channel, stub = secure_stub(secure_app, material, "reports")
+    single = bearer(token(material, "svc-single"))
+    async with channel:
+        a, b = await _accounts(stub, 20, 20)
+        stream = stub.StreamTransfers(metadata=single)
+        await stream.write(pb.CreateTransfersRequest(transfers=[transfer(a, b, 1)]))
+        assert (await stream.read()).results[0].result == pb.TRANSFER_RESULT_OK
+        with pytest.raises(grpc.aio.AioRpcError) as raised:  # the open stream is its one RPC
+            await stub.LookupAccounts(pb.LookupAccountsRequest(ids=[a]), metadata=single)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details(raised.value, error_details_pb2.RetryInfo) is not None
+        found = await stub.LookupAccounts(pb.LookupAccountsRequest(ids=[a]))  # another principal
+        assert len(found.accounts) == 1
+        await stream.done_writing()
+        assert await stream.read() == grpc.aio.EOF
+        assert await stream.code() == grpc.StatusCode.OK
+        found = await stub.LookupAccounts(pb.LookupAccountsRequest(ids=[a]), metadata=single)
+        assert len(found.accounts) == 1
 
 
 # -- audit trail -----------------------------------------------------------------------------
