@@ -455,15 +455,14 @@ class PostingEngine:
         outcomes = []
         start = 0
         results, stamps = result.tolist(), timestamp.tolist()
-        committed_ok = result == TransferResult.OK
         for request, c in zip(run, cols):
-            outcomes.append(Outcome(results[start:start + len(c)], stamps[start:start + len(c)]))
+            end = start + len(c)
+            outcomes.append(Outcome(results[start:end], stamps[start:end]))
             if request.correlation_id:
-                ok_stamps = timestamp[start:start + len(c)][committed_ok[start:start + len(c)]]
-                if len(ok_stamps):
-                    write.requests.append((int(ok_stamps[0]), int(ok_stamps[-1]),
-                                           request.correlation_id))
-            start += len(c)
+                stored = _stored_range(results, stamps, start, end)
+                if stored is not None:
+                    write.requests.append((*stored, request.correlation_id))
+            start = end
         return outcomes
 
     def _collect(self, ok, source, rows: "_Rows", debit_slot, credit_slot, amount_out, timestamp,
@@ -588,6 +587,7 @@ PRE_EXISTENCE_RESULTS = np.array([TransferResult[name] for name in (
     "PENDING_TRANSFER_NOT_PENDING", "PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID",
     "PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID", "PENDING_TRANSFER_HAS_DIFFERENT_LEDGER",
     "PENDING_TRANSFER_HAS_DIFFERENT_CODE")], np.uint32)
+RESULT_OK = int(TransferResult.OK)
 # After a conflict, clients are likely replaying: look ids up for this many commits.
 LOOKUP_COMMITS_AFTER_CONFLICT = 16
 
@@ -681,6 +681,18 @@ class _Writes:
             last_timestamp=last_timestamp,
             requests=self.requests,
         )
+
+
+def _stored_range(results: list[int], stamps: list[int], start: int,
+                  end: int) -> tuple[int, int] | None:
+    """The first and last timestamps of the transfers stored for items start..end-1 of a run:
+    its OK items, whose timestamps increase with the index. Usually both ends are OK, so this
+    looks at two items."""
+    first = next((i for i in range(start, end) if results[i] == RESULT_OK), None)
+    if first is None:
+        return None
+    last = next(i for i in range(end - 1, first - 1, -1) if results[i] == RESULT_OK)
+    return stamps[first], stamps[last]
 
 
 def _count(shards: np.ndarray) -> dict[int, int]:

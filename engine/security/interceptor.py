@@ -132,22 +132,28 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
     # -- audit -----------------------------------------------------------------------------
 
-    async def audit(self, principal: str, rpc: str, raw_digest: bytes, code: grpc.StatusCode,
+    async def audit(self, principal: str, rpc: str, raw: bytes, code: grpc.StatusCode,
                     detail: str = "") -> None:
+        """Append the record of one request (`raw`: its wire bytes, digested here)."""
         if self.config.audit is None:
             return
         await self.config.audit.record(AuditRecord(
             principal=principal, rpc=rpc, correlation_id=CORRELATION_ID.get(),
-            request_digest=raw_digest, outcome=code.name, detail=detail))
+            request_digest=digest(raw), outcome=code.name, detail=detail))
 
-    async def _refuse(self, error: Exception, principal: str, rpc: str, raw_digest: bytes,
+    async def _refuse(self, error: Exception, principal: str, rpc: str, raw: bytes,
                       context) -> None:
+        """Answer a refused RPC; `principal` is empty when authentication failed, and the
+        record then names the peer's certificate identity, if any."""
         code, message, trailers = classify(error)
         metrics.SECURITY_REFUSALS.labels(refusal=_refusal_reason(error)).inc()
         log.info("rpc refused", code=code.name, reason=str(error))
         if code in AUDITED_FAILURES:
+            identities = context.peer_identities()
+            principal = principal or (identities[0].decode(errors="replace") if identities
+                                      else "unauthenticated")
             try:
-                await self.audit(principal, rpc, raw_digest, code, str(error))
+                await self.audit(principal, rpc, raw, code, str(error))
             except AuditUnavailable:
                 log.warning("audit record of a refusal not written")
         await context.abort(code, message, trailing_metadata=trailers)
@@ -168,15 +174,13 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior, rpc: str, mutating: bool):
         async def handle(raw: bytes, context):
-            raw_digest = digest(raw)
             principal, tokens = "", []
             try:
                 try:
                     principal = self.principal(context)
                     tokens = await self._enter(principal, rpc)
                 except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
-                    await self._refuse(error, principal or "unauthenticated", rpc, raw_digest,
-                                       context)
+                    await self._refuse(error, principal, rpc, raw, context)
                 self._in_flight[principal] += 1
                 try:
                     response, error = None, None
@@ -186,7 +190,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                         error = raised
                     code = final_code(context, error)
                     if mutating or code in AUDITED_FAILURES:
-                        await self._audit_or_fail(principal, rpc, raw_digest, code, error, context)
+                        await self._audit_or_fail(principal, rpc, raw, code, error, context)
                     if error is not None:
                         raise error
                     return response
@@ -205,13 +209,14 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     principal = self.principal(context)
                     tokens = await self._enter(principal, rpc)
                 except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
-                    await self._refuse(error, principal or "unauthenticated", rpc, b"", context)
-                digests: collections.deque[bytes] = collections.deque()
+                    await self._refuse(error, principal, rpc, b"", context)
+                # Requests read and not yet answered, in order (their bytes, for the audit).
+                unanswered: collections.deque[bytes] = collections.deque()
                 limits = self.config.policy.limits(principal) if self.config.policy else None
 
                 async def messages():
                     async for raw in raw_iterator:
-                        digests.append(digest(raw))
+                        unanswered.append(raw if mutating else b"")
                         if limits is not None:  # every message of a stream is a request
                             await self.config.limiter.acquire("request", [Rate(
                                 f"{principal}:requests", limits.requests_per_second,
@@ -223,7 +228,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for response in behavior(messages(), context):
                         if mutating:
-                            await self._audit_or_fail(principal, rpc, digests.popleft(),
+                            await self._audit_or_fail(principal, rpc, unanswered.popleft(),
                                                       grpc.StatusCode.OK, None, context)
                         yield response
                 except BaseException as raised:
@@ -234,9 +239,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     code = final_code(context, error)
                     # Requests of the stream left without a response end with its status.
                     if code != grpc.StatusCode.OK and (mutating or code in AUDITED_FAILURES):
-                        for raw_digest in list(digests) or [b""]:
+                        for raw in list(unanswered) or [b""]:
                             try:
-                                await self.audit(principal, rpc, raw_digest, code,
+                                await self.audit(principal, rpc, raw, code,
                                                  str(context.details() or ""))
                             except AuditUnavailable:
                                 log.warning("audit record of a failed stream not written")
@@ -245,10 +250,10 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
         return handle
 
-    async def _audit_or_fail(self, principal, rpc, raw_digest, code, error, context) -> None:
+    async def _audit_or_fail(self, principal, rpc, raw, code, error, context) -> None:
         detail = "" if error is None or code == grpc.StatusCode.OK else (context.details() or "")
         try:
-            await self.audit(principal, rpc, raw_digest, code, str(detail))
+            await self.audit(principal, rpc, raw, code, str(detail))
         except AuditUnavailable as failure:
             if error is None:
                 code, message, trailers = classify(failure)
