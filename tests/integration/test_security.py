@@ -242,9 +242,17 @@ async def test_a_valid_token_names_the_principal(secure_app, material, db):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[account()]),
                                       metadata=bearer(token(material, "svc-readonly")))
-    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    rows = await db.fetch("SELECT principal, outcome FROM audit_log ORDER BY seq")
-    assert [tuple(r) for r in rows] == [("svc-free", "OK"), ("svc-readonly", "PERMISSION_DENIED")]
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        stream = stub.StreamTransfers(iter([pb.CreateTransfersRequest()]),
+                                      metadata=bearer(token(material, "svc-readonly")))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            [r async for r in stream]
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    rows = await db.fetch("SELECT principal, rpc, outcome FROM audit_log ORDER BY seq")
+    assert [tuple(r) for r in rows] == [
+        ("svc-free", "CreateAccounts", "OK"),
+        ("svc-readonly", "CreateAccounts", "PERMISSION_DENIED"),
+        ("svc-readonly", "StreamTransfers", "PERMISSION_DENIED")]
 
 
 # -- entitlements ----------------------------------------------------------------------------
