@@ -25,6 +25,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                         help="wait this long for another process to release the shards [30]")
     parser.add_argument("--unsafe-no-durability", action="store_true", default=None,
                         help="run on fsync=off/synchronous_commit=off (storage benchmarks only)")
+    parser.add_argument("--migration-database-url",
+                        help="Postgres URL of the role that owns the schema and runs migrations "
+                             "[TXENGINE_MIGRATION_DATABASE_URL, --database-url]")
     parser.add_argument("--log-level", help="debug, info, warning, error [TXENGINE_LOG_LEVEL]")
     parser.add_argument("--log-format", help="json, console or auto [TXENGINE_LOG_FORMAT]")
 
@@ -55,7 +58,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         embedded: list = []
-        conn = await connect(database_url(settings, embedded))
+        conn = await connect(settings.migration_database_url or database_url(settings, embedded))
         try:
             applied, shards = await migrate(conn, settings.shards)
         finally:
@@ -64,6 +67,64 @@ def _migrate(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("security (README: Security)")
+    group.add_argument("--tls-cert", help="PEM server certificate chain [TXENGINE_TLS_CERT]")
+    group.add_argument("--tls-key", help="PEM server private key [TXENGINE_TLS_KEY]")
+    group.add_argument("--tls-client-ca",
+                       help="PEM CA of client certificates; set: they are required "
+                            "[TXENGINE_TLS_CLIENT_CA]")
+    group.add_argument("--auth-jwt-keys",
+                       help="PEM public key or JWKS file verifying bearer tokens "
+                            "[TXENGINE_AUTH_JWT_KEYS]")
+    group.add_argument("--auth-jwt-algorithm", help="the accepted JWT algorithm [RS256]")
+    group.add_argument("--auth-jwt-issuer", help="required token issuer [TXENGINE_AUTH_JWT_ISSUER]")
+    group.add_argument("--auth-jwt-audience",
+                       help="required token audience [TXENGINE_AUTH_JWT_AUDIENCE]")
+    group.add_argument("--policy-file",
+                       help="entitlements and rate limits (TOML) [TXENGINE_POLICY_FILE]")
+    group.add_argument("--audit", action=argparse.BooleanOptionalAction, default=None,
+                       help="write the audit trail [on when clients authenticate]")
+
+
+def _certs(args: argparse.Namespace) -> int:
+    import pathlib
+
+    from engine.security.certs import make_development_set
+
+    out = pathlib.Path(args.out)
+    paths = make_development_set(out, args.host or ["localhost", "127.0.0.1", "::1"],
+                                 args.client or ["client"])
+    for role, path in paths.items():
+        print(f"{role:>16}  {path}")
+    print(f"\nserve:  txengine serve --tls-cert {paths['server']} --tls-key {paths['server-key']} "
+          f"--tls-client-ca {paths['ca']}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from engine.security.audit import verify
+    from engine.server.app import database_url
+    from engine.storage.store import connect
+
+    settings = settings_from(args)
+
+    async def run():
+        embedded: list = []
+        conn = await connect(database_url(settings, embedded))
+        try:
+            return await verify(conn)
+        finally:
+            await conn.close()
+
+    result = asyncio.run(run())
+    if result.intact:
+        print(f"audit trail intact: {result.rows} records")
+        return 0
+    print(f"audit trail TAMPERED after {result.rows} intact records: {result.problem}")
+    return 1
 
 
 def _quiet(run):
@@ -83,15 +144,36 @@ def main(argv: list[str] | None = None) -> None:
     _add_settings_flags(serve)
     serve.add_argument("--metrics-listen",
                        help="serve Prometheus /metrics on HOST:PORT [TXENGINE_METRICS_LISTEN, off]")
+    _add_security_flags(serve)
     serve.set_defaults(run=_serve)
     migrate = commands.add_parser("migrate", help="apply schema migrations and exit")
     _add_settings_flags(migrate)
     migrate.set_defaults(run=_migrate)
+    certs = commands.add_parser(
+        "certs", help="write a development CA, a server certificate and client certificates")
+    certs.add_argument("--out", default=".data/certs", help="directory [.data/certs]")
+    certs.add_argument("--host", action="append",
+                       help="server DNS name or IP (repeatable) [localhost, 127.0.0.1, ::1]")
+    certs.add_argument("--client", action="append",
+                       help="client certificate name (repeatable) [client]")
+    certs.set_defaults(run=_certs)
+    audit = commands.add_parser("audit", help="audit trail operations")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="recompute the audit hash chain; exit 1 "
+                                                      "if any record was changed or removed")
+    _add_settings_flags(verify)
+    verify.set_defaults(run=_audit_verify)
     bench = commands.add_parser("bench", help="measure batched CreateTransfers throughput")
     from engine import bench as bench_module
 
     bench_module.add_arguments(bench)
     bench.set_defaults(run=_quiet(bench_module.main))
+    bench_security = commands.add_parser(
+        "bench-security", help="throughput and latency with TLS, tokens, policy and audit on")
+    from engine.security import bench as security_bench
+
+    security_bench.add_arguments(bench_security)
+    bench_security.set_defaults(run=_quiet(security_bench.main))
     capacity = commands.add_parser(
         "capacity", help="stepped load, knee, sizing model and a report (Markdown + PNG)")
     from engine import capacity as capacity_module

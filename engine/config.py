@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pathlib
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine import limits
@@ -44,8 +44,45 @@ class Settings(BaseSettings):
     unsafe_no_durability: bool = Field(
         False, description="allow fsync=off or synchronous_commit=off; for storage benchmarks only"
     )
+    # -- security (engine.security): all off by default, for a plaintext loopback server
+    tls_cert: pathlib.Path | None = Field(None, description="PEM server certificate chain; with tls_key: TLS")
+    tls_key: pathlib.Path | None = Field(None, description="PEM server private key")
+    tls_client_ca: pathlib.Path | None = Field(
+        None, description="PEM CA bundle; set: client certificates are required and verified")
+    auth_jwt_keys: pathlib.Path | None = Field(
+        None, description="PEM public key, or a JWKS document (JSON), that verifies bearer tokens")
+    auth_jwt_algorithm: str = Field("RS256", description="the one JWT algorithm accepted")
+    auth_jwt_issuer: str | None = Field(None, description="required `iss` of bearer tokens")
+    auth_jwt_audience: str | None = Field(None, description="required `aud` of bearer tokens")
+    policy_file: pathlib.Path | None = Field(
+        None, description="entitlements and rate limits per principal (TOML); unset: no checks")
+    audit: bool | None = Field(
+        None, description="write the audit trail; unset: on whenever a client must authenticate")
+    migration_database_url: str | None = Field(
+        None, description="Postgres URL of the role that applies migrations; unset: database_url")
     log_level: str = Field("info")
     log_format: str = Field("auto", description="json, console, or auto (console on a terminal)")
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether callers must prove an identity (client certificate or bearer token)."""
+        return self.tls_client_ca is not None or self.auth_jwt_keys is not None
+
+    @property
+    def audits(self) -> bool:
+        return self.authenticates if self.audit is None else self.audit
+
+    @model_validator(mode="after")
+    def _check_security(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.auth_jwt_algorithm.lower() == "none":
+            raise ValueError("auth_jwt_algorithm must name a signing algorithm, not 'none'")
+        if self.auth_jwt_keys is not None and not (self.auth_jwt_issuer and self.auth_jwt_audience):
+            raise ValueError("bearer tokens need auth_jwt_issuer and auth_jwt_audience")
+        return self
 
     @field_validator("listen", "metrics_listen")
     @classmethod

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import grpc
 import numpy as np
 from prometheus_client import (
-    CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+    CollectorRegistry, Counter, Enum, GCCollector, Histogram, PlatformCollector, ProcessCollector,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -122,6 +122,31 @@ ACCOUNT_RESULTS = Counter(
     "txengine_account_results_total",
     "Account results by result code; result=\"EXISTS\" counts idempotent replays.",
     ("result",), registry=REGISTRY)
+
+# -- security (engine.security) --------------------------------------------------------------
+
+SECURITY_REFUSALS = Counter(
+    "txengine_security_refusals_total",
+    "RPCs refused by the security layer: unauthenticated, not_entitled, rate_limited, "
+    "concurrency (the principal's concurrent RPC limit).",
+    ("refusal",), registry=REGISTRY)
+SECURITY_REFUSAL_REASONS = ("unauthenticated", "not_entitled", "rate_limited", "concurrency")
+for _reason in SECURITY_REFUSAL_REASONS:
+    SECURITY_REFUSALS.labels(refusal=_reason)
+RATE_LIMIT_BACKEND = Enum(
+    "txengine_rate_limit_backend",
+    "Where rate limits are counted: redis (shared by replicas) or local (this process only, "
+    "while Redis is unreachable).",
+    states=["redis", "local"], registry=REGISTRY)
+RATE_LIMIT_FALLBACKS = Counter(
+    "txengine_rate_limit_fallbacks_total",
+    "Rate-limit checks that could not reach Redis and were counted in process memory.",
+    registry=REGISTRY)
+AUDIT_RECORDS = Counter(
+    "txengine_audit_records_total", "Audit records committed.", registry=REGISTRY)
+AUDIT_FAILURES = Counter(
+    "txengine_audit_write_failures_total",
+    "Audit flushes that failed (their RPCs were answered UNAVAILABLE).", registry=REGISTRY)
 
 _TRANSFER_RESULT_NAMES = {int(r): r.name for r in TransferResult}
 _ACCOUNT_RESULT_NAMES = {int(r): r.name for r in AccountResult}

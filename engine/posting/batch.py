@@ -57,6 +57,8 @@ class Request:
     # CloseAccounts / ReopenAccounts: the ids, and whether to set or clear CLOSED.
     closures: list[bytes] | None = None
     close: bool = True
+    # Stored with the request's committed transfers (storage: request_log).
+    correlation_id: str = ""
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property

@@ -24,6 +24,7 @@ from engine.kernels import _copy as copy
 from engine.kernels import apply_transfers, shard_of
 from engine.kernels._copy import encode_binary_copy
 from engine.observability import metrics
+from engine.observability.correlation import CORRELATION_ID
 from engine.observability.stages import StageTimes
 from engine.posting.accounts import (AccountCache, AccountCacheFull, NewAccount, create_accounts,
                                      set_closed)
@@ -143,6 +144,7 @@ class PostingEngine:
         return await self._submit(Request(
             future=asyncio.get_running_loop().create_future(),
             shard_items=_count(shards), transfers=transfers,
+            correlation_id=CORRELATION_ID.get(),
         ))
 
     async def create_accounts(self, accounts: list[NewAccount]) -> Outcome:
@@ -479,9 +481,14 @@ class PostingEngine:
         outcomes = []
         start = 0
         results, stamps = result.tolist(), timestamp.tolist()
-        for c in cols:
-            outcomes.append(Outcome(results[start:start + len(c)], stamps[start:start + len(c)]))
-            start += len(c)
+        for request, c in zip(run, cols):
+            end = start + len(c)
+            outcomes.append(Outcome(results[start:end], stamps[start:end]))
+            if request.correlation_id:
+                stored = _stored_range(results, stamps, start, end)
+                if stored is not None:
+                    write.requests.append((*stored, request.correlation_id))
+            start = end
         return outcomes
 
     def _collect(self, ok, source, rows: "_Rows", debit_slot, credit_slot, amount_out, timestamp,
@@ -606,6 +613,7 @@ PRE_EXISTENCE_RESULTS = np.array([TransferResult[name] for name in (
     "PENDING_TRANSFER_NOT_PENDING", "PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID",
     "PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID", "PENDING_TRANSFER_HAS_DIFFERENT_LEDGER",
     "PENDING_TRANSFER_HAS_DIFFERENT_CODE")], np.uint32)
+RESULT_OK = int(TransferResult.OK)
 # After a conflict, clients are likely replaying: look ids up for this many commits.
 LOOKUP_COMMITS_AFTER_CONFLICT = 16
 
@@ -656,6 +664,7 @@ class _Writes:
         self.status_changed: dict[bytes, list] = {}
         self.history: list[tuple] = []
         self.new_expiries: list[int] = []
+        self.requests: list[tuple] = []  # REQUEST_LOG_COLUMNS
 
     def touch(self, *slots: int) -> None:
         self.touched.append(np.array(slots, np.int64))
@@ -696,7 +705,20 @@ class _Writes:
             history=self.history,
             last_seq=dict(last_seq),
             last_timestamp=last_timestamp,
+            requests=self.requests,
         )
+
+
+def _stored_range(results: list[int], stamps: list[int], start: int,
+                  end: int) -> tuple[int, int] | None:
+    """The first and last timestamps of the transfers stored for items start..end-1 of a run:
+    its OK items, whose timestamps increase with the index. Usually both ends are OK, so this
+    looks at two items."""
+    first = next((i for i in range(start, end) if results[i] == RESULT_OK), None)
+    if first is None:
+        return None
+    last = next(i for i in range(end - 1, first - 1, -1) if results[i] == RESULT_OK)
+    return stamps[first], stamps[last]
 
 
 def _count(shards: np.ndarray) -> dict[int, int]:

@@ -17,6 +17,13 @@ from engine.config import Settings
 from engine.gen.txengine.v1 import ledger_pb2, ledger_pb2_grpc
 from engine.observability.metrics import MetricsServer
 from engine.posting.engine import PostingEngine
+from engine.security import policy as policy_module
+from engine.security import tls
+from engine.security.audit import AuditTrail
+from engine.security.guard import Guard
+from engine.security.interceptor import SecurityConfig, SecurityInterceptor
+from engine.security.ratelimit import RateLimiter
+from engine.security.tokens import TokenVerifier
 from engine.server.interceptors import MetricsInterceptor
 from engine.server.servicer import LedgerServicer, add_to_server
 from engine.storage.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -71,6 +78,7 @@ class EngineApp:
     embedded: list
     _health_task: asyncio.Task | None = None
     metrics: MetricsServer | None = None
+    audit: AuditTrail | None = None
 
     @property
     def address(self) -> str:
@@ -84,6 +92,8 @@ class EngineApp:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.engine.stop(grace)
+        if self.audit is not None:
+            await self.audit.stop()
         await self.store.close()
         await self.redis.aclose()
         if self.metrics is not None:  # last, so a final scrape still sees the drain
@@ -113,7 +123,8 @@ async def start(settings: Settings) -> EngineApp:
     embedded: list = []
     url = await asyncio.to_thread(database_url, settings, embedded)
     store = Store(url, pool_size=settings.database_pool_size,
-                  allow_unsafe=settings.unsafe_no_durability)
+                  allow_unsafe=settings.unsafe_no_durability,
+                  migration_url=settings.migration_database_url)
     await store.open(settings.shards)
     engine = PostingEngine(store, settings)
     await engine.start()
@@ -126,17 +137,31 @@ async def start(settings: Settings) -> EngineApp:
     except Exception as error:  # the engine commits without Redis
         log.warning("redis unreachable; committing without it", error=str(error))
 
+    security = security_config(settings, url, redis_client)
+    interceptors = [MetricsInterceptor(services=[LEDGER_SERVICE])]
+    guard = None
+    if security is not None:
+        interceptors.append(SecurityInterceptor(security))
+        if security.policy is not None:
+            guard = Guard(store, security.policy, security.limiter)
+        if security.audit is not None:
+            await security.audit.start()
     server = grpc.aio.server(options=grpc_options(),
                              maximum_concurrent_rpcs=settings.rpc_concurrency_max,
-                             interceptors=[MetricsInterceptor(services=[LEDGER_SERVICE])])
-    add_to_server(LedgerServicer(engine, store), server)
+                             interceptors=interceptors)
+    add_to_server(LedgerServicer(engine, store, guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.listen)
+    credentials = tls.server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     await server.start()
     app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded)
+    app.audit = security.audit if security is not None else None
     app._health_task = asyncio.create_task(app._watch_health())
     # -- observability: the Prometheus endpoint, off unless metrics_listen is set
     if settings.metrics_listen is not None:
@@ -147,13 +172,42 @@ async def start(settings: Settings) -> EngineApp:
             raise
         log.info("metrics", listen=app.metrics.address, path="/metrics")
     host = settings.listen.rpartition(":")[0]
-    if host not in LOOPBACK_HOSTS:
-        log.warning("plaintext gRPC on a non-loopback address: anyone who reaches it can move money",
-                    listen=app.address)
-    log.info("serving", listen=app.address, transport="plaintext", shards=store.shard_count,
-             embedded_postgres=settings.database_url is None,
+    transport = tls.transport(settings)
+    if transport == "plaintext":
+        if host not in LOOPBACK_HOSTS:
+            log.warning("plaintext gRPC on a non-loopback address: anyone who reaches it can "
+                        "move money", listen=app.address)
+        else:
+            log.info("plaintext gRPC on loopback only: no TLS; see README 'Security' to serve "
+                     "with mutual TLS, tokens and a policy", listen=app.address)
+    log.info("serving", listen=app.address, transport=transport, shards=store.shard_count,
+             authentication=_authentication(settings), policy=settings.policy_file is not None,
+             audit=settings.audits, embedded_postgres=settings.database_url is None,
              embedded_redis=settings.redis_url is None)
     return app
+
+
+def _authentication(settings: Settings) -> str:
+    methods = [name for name, on in (("client-certificate", settings.tls_client_ca is not None),
+                                     ("bearer-token", settings.auth_jwt_keys is not None)) if on]
+    return "+".join(methods) or "none"
+
+
+def security_config(settings: Settings, url: str, redis_client) -> SecurityConfig | None:
+    """What the security interceptor enforces, or None when nothing is configured."""
+    if not (settings.authenticates or settings.policy_file or settings.audits):
+        return None
+    verifier = None
+    if settings.auth_jwt_keys is not None:
+        verifier = TokenVerifier(settings.auth_jwt_keys, settings.auth_jwt_algorithm,
+                                 settings.auth_jwt_issuer, settings.auth_jwt_audience)
+    return SecurityConfig(
+        verifier=verifier,
+        client_certificates=settings.tls_client_ca is not None,
+        policy=policy_module.load(settings.policy_file) if settings.policy_file else None,
+        limiter=RateLimiter(redis_client),
+        audit=AuditTrail(url) if settings.audits else None,
+    )
 
 
 async def serve(settings: Settings) -> None:

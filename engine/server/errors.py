@@ -16,6 +16,10 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from engine.posting.engine import STORAGE_ERRORS, Overloaded, Unavailable
+from engine.security.audit import AuditUnavailable
+from engine.security.guard import NotEntitled
+from engine.security.ratelimit import RateLimited
+from engine.security.tokens import Unauthenticated
 
 log = structlog.get_logger("engine.server")
 
@@ -75,7 +79,15 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromMilliseconds(50)
         return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "OVERLOADED", [retry])
-    if isinstance(error, Unavailable):
+    if isinstance(error, Unauthenticated):
+        return _status(grpc.StatusCode.UNAUTHENTICATED, str(error), "UNAUTHENTICATED")
+    if isinstance(error, NotEntitled):
+        return _status(grpc.StatusCode.PERMISSION_DENIED, str(error), "NOT_ENTITLED")
+    if isinstance(error, RateLimited):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(1_000_000, int(error.retry_after_seconds * 1e9)))
+        return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "RATE_LIMITED", [retry])
+    if isinstance(error, (Unavailable, AuditUnavailable)):
         return _status(grpc.StatusCode.UNAVAILABLE, str(error), "UNAVAILABLE")
     if isinstance(error, STORAGE_ERRORS):
         return _status(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {type(error).__name__}",

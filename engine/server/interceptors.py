@@ -32,6 +32,7 @@ import grpc
 import structlog
 
 from engine.observability import metrics
+from engine.observability.correlation import CORRELATION_ID
 
 log = structlog.get_logger("engine.rpc")
 
@@ -123,7 +124,7 @@ def final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -
 class _Call:
     """One RPC in flight: started on creation, finished exactly once."""
 
-    __slots__ = ("method", "context", "began", "correlation_id", "_tokens")
+    __slots__ = ("method", "context", "began", "correlation_id", "_tokens", "_cid_token")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext):
         method.started.inc()
@@ -132,6 +133,7 @@ class _Call:
         self.began = time.perf_counter()
         self.correlation_id = correlation_id(context)
         context.set_trailing_metadata(((CORRELATION_ID_KEY, self.correlation_id),))
+        self._cid_token = CORRELATION_ID.set(self.correlation_id)
         bound = {"correlation_id": self.correlation_id, "rpc": method.name}
         peer = principal(context)
         if peer is not None:
@@ -153,6 +155,7 @@ class _Call:
             log.debug("rpc", code=code.name, seconds=round(elapsed, 6))
         try:
             structlog.contextvars.reset_contextvars(**self._tokens)
+            CORRELATION_ID.reset(self._cid_token)
         except ValueError:
             # A stream whose client went away is finalised later, in another context, where
             # these bindings were never made: there is nothing to reset there.

@@ -23,6 +23,7 @@ from engine.posting.accounts import NewAccount
 from engine.posting.batch import TransferColumns, shards_of
 from engine.posting.engine import PostingEngine
 from engine.results import TransferResult
+from engine.security.guard import Guard
 from engine.server.errors import InvalidRequest, Violation, abort, handle_errors
 from engine.storage.store import AccountQuery, Store
 
@@ -171,13 +172,24 @@ def _transfer_results(outcome) -> list[pb.CreateTransferResult]:
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """The v1 LedgerService over one posting engine and its store."""
 
-    def __init__(self, engine: PostingEngine, store: Store):
+    def __init__(self, engine: PostingEngine, store: Store, guard: Guard | None = None):
         self.engine = engine
         self.store = store
+        # Entitlements and item rates of the caller (engine.security); None: no checks.
+        self.guard = guard
+
+    async def _admit_transfers(self, columns: TransferColumns) -> None:
+        if self.guard is not None:
+            await self.guard.check_transfers(columns)
+            await self.guard.charge_items(len(columns))
 
     @handle_errors
     async def CreateAccounts(self, request, context):
-        outcome = await self.engine.create_accounts(decode_accounts(request.accounts))
+        accounts = decode_accounts(request.accounts)
+        if self.guard is not None:
+            self.guard.check_accounts(accounts)
+            await self.guard.charge_items(len(accounts))
+        outcome = await self.engine.create_accounts(accounts)
         return pb.CreateAccountsResponse(results=[
             pb.CreateAccountResult(index=i, result=r, timestamp=t)
             for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))
@@ -188,6 +200,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         stages = self.engine.stages
         with stages.stage("decode"):
             columns = decode_transfers(request.transfers)
+        await self._admit_transfers(columns)
         outcome = await self.engine.create_transfers(columns)
         with stages.stage("encode"):
             return pb.CreateTransfersResponse(results=_transfer_results(outcome))
@@ -202,6 +215,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def _set_closed(self, ids, close: bool) -> list[pb.AccountClosureResult]:
         _, checked = _lookup_ids(ids, self.engine.shard_count)
+        if self.guard is not None:
+            await self.guard.check_account_ids(checked)
         outcome = await self.engine.set_closed(checked, close)
         return [pb.AccountClosureResult(index=i, result=r, timestamp=t)
                 for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))]
@@ -210,22 +225,33 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def LookupAccounts(self, request, context):
         shards, ids = _lookup_ids(request.ids, self.engine.shard_count)
         rows = await self.store.lookup_accounts(shards, ids) if ids else []
+        if self.guard is not None:
+            rows = await self.guard.visible_accounts(rows)
         return pb.LookupAccountsResponse(accounts=[account_message(r) for r in rows])
 
     @handle_errors
     async def LookupTransfers(self, request, context):
         shards, ids = _lookup_ids(request.ids, self.engine.shard_count)
         rows = await self.store.lookup_transfers(shards, ids) if ids else []
+        if self.guard is not None:
+            rows = await self.guard.visible_transfers(rows)
         return pb.LookupTransfersResponse(transfers=[transfer_message(r) for r in rows])
 
     @handle_errors
     async def GetAccountTransfers(self, request, context):
-        rows = await self.store.account_transfers(decode_filter(request.filter))
+        query = decode_filter(request.filter)
+        if self.guard is not None and not await self.guard.account_visible(query.account_id):
+            return pb.GetAccountTransfersResponse()
+        rows = await self.store.account_transfers(query)
+        if self.guard is not None:
+            rows = await self.guard.visible_transfers(rows)
         return pb.GetAccountTransfersResponse(transfers=[transfer_message(r) for r in rows])
 
     @handle_errors
     async def GetAccountBalances(self, request, context):
         query = decode_filter(request.filter)
+        if self.guard is not None and not await self.guard.account_visible(query.account_id):
+            return pb.GetAccountBalancesResponse()
         shard = int(shards_of([query.account_id], self.engine.shard_count)[0])
         rows = await self.store.account_balances(shard, query)
         return pb.GetAccountBalancesResponse(balances=[
@@ -245,6 +271,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             try:
                 async for request in request_iterator:
                     columns = decode_transfers(request.transfers)
+                    await self._admit_transfers(columns)
                     await in_flight.put(asyncio.ensure_future(self.engine.create_transfers(columns)))
                 await in_flight.put(None)
             except Exception as error:  # surfaced in request order by the writer below

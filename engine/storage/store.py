@@ -29,6 +29,8 @@ TRANSFER_FIELDS = (
 TRANSFER_STATE = (*TRANSFER_FIELDS, "pending_status", "expires_at")
 TRANSFER_COLUMNS = ("shard", *TRANSFER_STATE, "seq_shard", "seq")
 ACCOUNT_FIELDS = ACCOUNT_COLUMNS[1:]
+# One row per committed request that stored transfers: its timestamps and correlation id.
+REQUEST_LOG_COLUMNS = ("timestamp_min", "timestamp_max", "correlation_id")
 BALANCE_COLUMNS = ("shard", "account_id", "timestamp", "debits_pending", "debits_posted",
                    "credits_pending", "credits_posted")
 
@@ -76,6 +78,7 @@ class BatchWrite:
     history: list[tuple]  # BALANCE_COLUMNS
     last_seq: dict[int, int]
     last_timestamp: int
+    requests: list[tuple] = dataclasses.field(default_factory=list)  # REQUEST_LOG_COLUMNS
 
 
 @dataclasses.dataclass
@@ -134,8 +137,11 @@ async def check_durability(conn: asyncpg.Connection, allow_unsafe: bool) -> dict
 class Store:
     """The engine's storage: migrations, the shard lease, the batch writer and the readers."""
 
-    def __init__(self, url: str, *, pool_size: int, allow_unsafe: bool):
+    def __init__(self, url: str, *, pool_size: int, allow_unsafe: bool,
+                 migration_url: str | None = None):
         self.url = url
+        # Migrations run as the role that owns the schema; serving needs less (see 0003).
+        self.migration_url = migration_url or url
         self.pool_size = pool_size
         self.allow_unsafe = allow_unsafe
         self.shard_count = 0
@@ -147,7 +153,7 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self, shards: int | None) -> None:
-        conn = await connect(self.url)
+        conn = await connect(self.migration_url)
         try:
             await check_durability(conn, self.allow_unsafe)
             _, self.shard_count = await migrate(conn, shards)
@@ -305,6 +311,10 @@ class Store:
             if batch.history:
                 await conn.copy_records_to_table(
                     "account_balances", records=batch.history, columns=BALANCE_COLUMNS
+                )
+            if batch.requests:
+                await conn.copy_records_to_table(
+                    "request_log", records=batch.requests, columns=REQUEST_LOG_COLUMNS
                 )
 
     # -- readers ---------------------------------------------------------------------------
