@@ -44,6 +44,18 @@ class Settings(BaseSettings):
     unsafe_no_durability: bool = Field(
         False, description="allow fsync=off or synchronous_commit=off; for storage benchmarks only"
     )
+    events_stream_maxlen: int = Field(
+        1_000_000, ge=1, description="approximate entries kept per Redis event stream (shard)"
+    )
+    events_retention_seconds: float = Field(
+        3600.0, ge=0,
+        description="keep published outbox rows this long (SubscribeEvents can resume within it)",
+    )
+    webhook_attempts_max: int = Field(8, ge=1, description="attempts before a delivery is dead")
+    webhook_backoff_base_seconds: float = Field(
+        1.0, gt=0, description="first retry delay bound; doubles per attempt, full jitter"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="per webhook HTTP request")
     log_level: str = Field("info")
     log_format: str = Field("auto", description="json, console, or auto (console on a terminal)")
 

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine import limits
 from engine.config import Settings
+from engine.events.service import EventParts
 from engine.gen.txengine.v1 import ledger_pb2, ledger_pb2_grpc
 from engine.observability.metrics import MetricsServer
 from engine.posting.engine import PostingEngine
@@ -69,6 +70,7 @@ class EngineApp:
     port: int
     redis: aioredis.Redis
     embedded: list
+    events: EventParts
     _health_task: asyncio.Task | None = None
     metrics: MetricsServer | None = None
 
@@ -84,6 +86,7 @@ class EngineApp:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.engine.stop(grace)
+        await self.events.stop()
         await self.store.close()
         await self.redis.aclose()
         if self.metrics is not None:  # last, so a final scrape still sees the drain
@@ -129,14 +132,17 @@ async def start(settings: Settings) -> EngineApp:
     server = grpc.aio.server(options=grpc_options(),
                              maximum_concurrent_rpcs=settings.rpc_concurrency_max,
                              interceptors=[MetricsInterceptor(services=[LEDGER_SERVICE])])
-    add_to_server(LedgerServicer(engine, store), server)
+    events = EventParts(store, redis_client, engine, settings)
+    add_to_server(LedgerServicer(engine, store, events), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.listen)
     await server.start()
-    app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded)
+    app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded,
+                    events)
+    events.start()
     app._health_task = asyncio.create_task(app._watch_health())
     # -- observability: the Prometheus endpoint, off unless metrics_listen is set
     if settings.metrics_listen is not None:

@@ -16,6 +16,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from engine.posting.engine import STORAGE_ERRORS, Overloaded, Unavailable
+from engine.storage.outbox import CursorExpired
 
 log = structlog.get_logger("engine.server")
 
@@ -80,6 +81,8 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
     if isinstance(error, STORAGE_ERRORS):
         return _status(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {type(error).__name__}",
                        "STORAGE_UNAVAILABLE")
+    if isinstance(error, CursorExpired):
+        return _status(grpc.StatusCode.OUT_OF_RANGE, str(error), "CURSOR_EXPIRED")
     if isinstance(error, Unimplemented):
         return _status(grpc.StatusCode.UNIMPLEMENTED, str(error), "UNIMPLEMENTED")
     return _status(grpc.StatusCode.INTERNAL, "internal error; the request may be retried with "

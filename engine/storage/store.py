@@ -62,6 +62,17 @@ class AccountQuery:
     user_data: bytes | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class OutboxRow:
+    """One commit's row of event_outbox (see migration 0004)."""
+
+    commit_timestamp: int
+    first_timestamp: int
+    transfer_count: int
+    transfer_balances: bytes
+    other_events: bytes
+
+
 @dataclasses.dataclass
 class BatchWrite:
     """Everything one commit writes, in storage-row form."""
@@ -76,6 +87,7 @@ class BatchWrite:
     history: list[tuple]  # BALANCE_COLUMNS
     last_seq: dict[int, int]
     last_timestamp: int
+    outbox: OutboxRow | None = None  # None when the commit changed nothing
 
 
 @dataclasses.dataclass
@@ -143,6 +155,11 @@ class Store:
         self._writer: asyncpg.Connection | None = None
         self._lease_conn: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool | None:
+        """The read pool (None until open)."""
+        return self._pool
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -302,6 +319,13 @@ class Store:
             if batch.history:
                 await conn.copy_records_to_table(
                     "account_balances", records=batch.history, columns=BALANCE_COLUMNS
+                )
+            if batch.outbox is not None:
+                await conn.execute(
+                    """INSERT INTO event_outbox (commit_timestamp, first_timestamp, transfer_count,
+                                                 transfer_balances, other_events)
+                       VALUES ($1, $2, $3, $4, $5)""",
+                    *dataclasses.astuple(batch.outbox),
                 )
 
     # -- readers ---------------------------------------------------------------------------
