@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from engine.config import Settings
-from engine.events.codec import commit_events
+from engine.events.codec import ACCOUNT_HEAD, EncodedCommit, encode_commits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.posting.engine import PostingEngine
 from engine.storage.outbox import EventStore
@@ -38,7 +38,6 @@ STREAM_KEY = "txengine:events:{shard}"
 PUBLISHED_KEY = "txengine:events:published"
 ACCOUNT_KEY = "txengine:account:{hex}"
 STATE = struct.Struct(">qQQQQ")
-ACCOUNT_HEAD = struct.Struct(">IIIq")
 ID_HEX_CHARS = 32
 RETRY_SECONDS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 COMMITS_PER_READ_MAX = 64
@@ -80,39 +79,12 @@ def redis_client(url: str, timeout_seconds: float) -> aioredis.Redis:
                                    socket_timeout=timeout_seconds)
 
 
-def _state(account_id: bytes, balance: pb.AccountBalance) -> bytes:
-    return account_id.hex().encode() + STATE.pack(
-        balance.timestamp, balance.debits_pending, balance.debits_posted,
-        balance.credits_pending, balance.credits_posted)
-
-
-def account_value(account: pb.Account) -> bytes:
-    return ACCOUNT_HEAD.pack(account.ledger, account.code, account.flags,
-                             account.timestamp) + account.user_data
-
-
-def publish_args(commit_timestamp: int, events: list[pb.Event], maxlen: int) -> list:
+def publish_args(commit: EncodedCommit, maxlen: int) -> list:
     """The PUBLISH_SCRIPT arguments of one commit."""
-    by_shard: dict[int, list[pb.Event]] = {}
-    states = bytearray()
-    accounts: list[bytes] = []
-    for event in events:
-        by_shard.setdefault(event.shard, []).append(event)
-        if event.HasField("transfer"):
-            transfer = event.transfer
-            states += _state(transfer.debit_account_id, event.debit_account_balance)
-            states += _state(transfer.credit_account_id, event.credit_account_balance)
-        else:
-            account = event.account
-            states += _state(account.id, pb.AccountBalance(
-                timestamp=event.timestamp, debits_pending=account.debits_pending,
-                debits_posted=account.debits_posted, credits_pending=account.credits_pending,
-                credits_posted=account.credits_posted))
-            accounts += [account.id.hex().encode(), account_value(account)]
-    args: list = [commit_timestamp, maxlen, len(by_shard)]
-    for shard, shard_events in sorted(by_shard.items()):
-        args += [shard, pb.EventBatch(events=shard_events).SerializeToString(), len(shard_events)]
-    return [*args, bytes(states), *accounts]
+    args: list = [commit.commit_timestamp, maxlen, len(commit.shard_events)]
+    for shard, (events, count) in sorted(commit.shard_events.items()):
+        args += [shard, events, count]
+    return [*args, commit.states, *commit.accounts]
 
 
 class RedisRelay:
@@ -149,18 +121,16 @@ class RedisRelay:
 
     async def _publish_some(self) -> bool:
         """Publish the next commits of the outbox; False when there was none."""
-        commits = await self.events.commits_after(self.published, COMMITS_PER_READ_MAX,
-                                                  TRANSFERS_PER_READ_MAX)
-        for outbox, transfers in commits:
-            commit_timestamp = outbox["commit_timestamp"]
-            events = commit_events(outbox, transfers)
+        rows, columns = await self.events.commits_after(self.published, COMMITS_PER_READ_MAX,
+                                                        TRANSFERS_PER_READ_MAX)
+        for commit in encode_commits(rows, columns):
             await self._script(keys=[PUBLISHED_KEY], args=publish_args(
-                commit_timestamp, events, self.settings.events_stream_maxlen))
-            self.published = commit_timestamp
+                commit, self.settings.events_stream_maxlen))
+            self.published = commit.commit_timestamp
             self.commits_published += 1
-        if commits:
+        if rows:
             await self.events.set_progress("redis", self.published)
-        return bool(commits)
+        return bool(rows)
 
 
 class OutboxTrimmer:

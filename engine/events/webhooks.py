@@ -24,7 +24,7 @@ import structlog
 from google.protobuf import json_format
 
 from engine.config import Settings
-from engine.events.codec import commit_events
+from engine.events.codec import encode_commits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.posting.engine import PostingEngine
 from engine.storage.outbox import EventStore
@@ -97,12 +97,12 @@ class WebhookDispatcher:
             if latest > position:
                 await self.events.record_deliveries([], latest)
             return False
-        commits = await self.events.commits_after(position, 64, 32_768)
-        if not commits:
+        rows, columns = await self.events.commits_after(position, 64, 32_768)
+        if not rows:
             return False
         deliveries = []
-        for outbox, transfers in commits:
-            for event in commit_events(outbox, transfers):
+        for commit in encode_commits(rows, columns):
+            for event in commit.messages():
                 payload = None
                 for s in subscriptions:
                     if event.cursor.commit_timestamp <= s["start_after"]:
@@ -112,7 +112,7 @@ class WebhookDispatcher:
                     payload = payload or event.SerializeToString()
                     deliveries.append((s["id"], event.cursor.commit_timestamp,
                                        event.cursor.index, payload))
-        await self.events.record_deliveries(deliveries, commits[-1][0]["commit_timestamp"])
+        await self.events.record_deliveries(deliveries, rows[-1]["commit_timestamp"])
         if deliveries:
             self._due.set()
         return True

@@ -21,7 +21,7 @@ import numpy as np
 from engine import limits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.gen.txengine.v1 import ledger_pb2_grpc
-from engine.events.codec import commit_events
+from engine.events.codec import encode_commits
 from engine.events.relay import read_projection
 from engine.events.service import EventParts
 from engine.ids import ZERO_ID
@@ -302,22 +302,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         await store.check_cursor(max(position, 0))
         while True:
             seen = self.engine.committed_timestamp
-            commits = await store.commits_after(position, SUBSCRIBE_COMMITS_PER_READ,
-                                                SUBSCRIBE_TRANSFERS_PER_READ)
+            rows, columns = await store.commits_after(position, SUBSCRIBE_COMMITS_PER_READ,
+                                                      SUBSCRIBE_TRANSFERS_PER_READ)
             await store.check_cursor(position)
-            if not commits:
+            if not rows:
                 await self.engine.wait_for_commit(seen, SUBSCRIBE_IDLE_SECONDS)
                 continue
-            batch: list[pb.Event] = []
-            for outbox, transfers in commits:
-                for event in commit_events(outbox, transfers):
-                    if (event.cursor.commit_timestamp, event.cursor.index) <= after:
-                        continue
-                    if not types or event.type in types:
-                        batch.append(event)
-                position = outbox["commit_timestamp"]
-            if batch:
-                yield pb.SubscribeEventsResponse(events=batch)
+            for commit in encode_commits(rows, columns):
+                position = commit.commit_timestamp
+                response = pb.SubscribeEventsResponse.FromString(commit.events)
+                if types or commit.commit_timestamp <= after[0]:
+                    kept = [e for e in response.events
+                            if (e.cursor.commit_timestamp, e.cursor.index) > after
+                            and (not types or e.type in types)]
+                    response = pb.SubscribeEventsResponse(events=kept)
+                if response.events:
+                    yield response
 
     @handle_errors
     async def CreateWebhookSubscription(self, request, context):

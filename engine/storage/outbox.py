@@ -28,10 +28,11 @@ class EventStore:
     # -- the outbox ------------------------------------------------------------------------
 
     async def commits_after(self, commit_timestamp: int, commits_max: int,
-                            transfers_max: int) -> list[tuple[asyncpg.Record, list[asyncpg.Record]]]:
-        """The outbox rows after commit_timestamp, oldest first, each with its transfers: at
-        most commits_max commits, and no more commits once transfers_max transfers are read
-        (at least one commit whatever its size)."""
+                            transfers_max: int) -> tuple[list[asyncpg.Record], dict | None]:
+        """The outbox rows after commit_timestamp, oldest first, and their transfers as
+        columns (EVENT_TRANSFER_COLUMNS, in timestamp order; None when there are none): at
+        most commits_max commits, and no more once transfers_max transfers are read (at least
+        one commit whatever its size)."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                                  readonly=True):
             rows = await conn.fetch(
@@ -44,22 +45,14 @@ class EventStore:
                     break
                 taken.append(row)
                 transfers += row["transfer_count"]
-            if not taken:
-                return []
-            transfer_rows = []
-            if transfers:
-                transfer_rows = await conn.fetch(
-                    f"""SELECT {', '.join(EVENT_TRANSFER_COLUMNS)} FROM transfers
-                        WHERE "timestamp" BETWEEN $1 AND $2 ORDER BY "timestamp" """,
-                    taken[0]["first_timestamp"], taken[-1]["commit_timestamp"])
-        out, start = [], 0
-        for row in taken:
-            end = start
-            while end < len(transfer_rows) and transfer_rows[end]["timestamp"] <= row["commit_timestamp"]:
-                end += 1
-            out.append((row, transfer_rows[start:end]))
-            start = end
-        return out
+            if not transfers:
+                return taken, None
+            columns = await conn.fetchrow(
+                f"""SELECT {', '.join(f'array_agg({c}) AS {c}' for c in EVENT_TRANSFER_COLUMNS)}
+                    FROM (SELECT {', '.join(EVENT_TRANSFER_COLUMNS)} FROM transfers
+                          WHERE "timestamp" BETWEEN $1 AND $2 ORDER BY "timestamp") AS t""",
+                taken[0]["first_timestamp"], taken[-1]["commit_timestamp"])
+        return taken, dict(columns)
 
     async def latest_commit(self) -> int:
         return await self.pool.fetchval("SELECT coalesce(max(commit_timestamp), 0) FROM event_outbox")
