@@ -149,9 +149,9 @@ class EventStore:
         status = (DELIVERY_DELIVERED if delivered else
                   DELIVERY_DEAD if retry_in_seconds is None else DELIVERY_PENDING)
         await self.pool.execute(
-            """UPDATE webhook_deliveries SET attempts = attempts + 1, status = $4, last_error = $5,
-                      next_attempt_at = now() + make_interval(secs => $6),
-                      delivered_at = CASE WHEN $4 = 1 THEN now() END
+            """UPDATE webhook_deliveries SET attempts = attempts + 1, status = $4::smallint,
+                      last_error = $5, next_attempt_at = now() + make_interval(secs => $6),
+                      delivered_at = CASE WHEN $4::smallint = 1 THEN now() END
                WHERE subscription_id = $1 AND commit_timestamp = $2 AND event_index = $3""",
             *key, status, error, retry_in_seconds or 0.0)
 
