@@ -13,6 +13,8 @@ from engine.posting.engine import PostingEngine
 from engine.storage.outbox import EventStore
 from engine.storage.store import Store
 
+STOP_RELEASE_SECONDS_MAX = 1.0
+
 
 class EventParts:
     """Relay to Redis, webhook recording and sending, and outbox trimming, as asyncio tasks of
@@ -45,3 +47,10 @@ class EventParts:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        # A cancelled query hands its connection back in a task of its own; let those finish
+        # before the store closes the pool under them.
+        pool = self.store.pool
+        deadline = asyncio.get_running_loop().time() + STOP_RELEASE_SECONDS_MAX
+        while pool.get_idle_size() < pool.get_size() and \
+                asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)

@@ -91,22 +91,26 @@ class WebhookDispatcher:
                 await asyncio.sleep(1.0)
 
     async def _record_some(self, position: int) -> bool:
-        subscriptions = await self.events.subscriptions()
-        if not subscriptions:
-            latest = await self.events.latest_commit()
+        """Record the deliveries of the next commits. Commits are always read before the
+        subscriptions: a subscription created after that read starts after those commits
+        (its start_after is the newest commit visible at its creation), so none is missed."""
+        latest = await self.events.latest_commit()
+        if not await self.events.subscriptions():
             if latest > position:
                 await self.events.record_deliveries([], latest)
             return False
         rows, columns = await self.events.commits_after(position, 64, 32_768)
         if not rows:
             return False
+        subscriptions = await self.events.subscriptions()
         deliveries = []
         for commit in encode_commits(rows, columns):
+            wanted = [s for s in subscriptions if commit.commit_timestamp > s["start_after"]]
+            if not wanted:
+                continue
             for event in commit.messages():
                 payload = None
-                for s in subscriptions:
-                    if event.cursor.commit_timestamp <= s["start_after"]:
-                        continue
+                for s in wanted:
                     if s["event_types"] and event.type not in s["event_types"]:
                         continue
                     payload = payload or event.SerializeToString()

@@ -324,8 +324,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         url, types, secret = decode_subscription(request)
         subscription_id = uuid.uuid4().bytes
         created_at = time.time_ns()
-        await self.events.store.create_subscription(
-            subscription_id, url, types, secret, created_at, self.engine.committed_timestamp)
+        store = self.events.store
+        await store.create_subscription(subscription_id, url, types, secret, created_at,
+                                        await store.latest_commit())
         return pb.CreateWebhookSubscriptionResponse(subscription=pb.WebhookSubscription(
             id=subscription_id, url=url, types=types, created_at=created_at))
 

@@ -142,3 +142,46 @@ async def test_bad_subscription_requests_are_rejected(stub):
     with pytest.raises(grpc.aio.AioRpcError) as bad_consistency:
         await stub.LookupAccounts(pb.LookupAccountsRequest(ids=[new_id()], consistency=7))
     assert bad_consistency.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_expiry_and_reopen_events(engine_app, stub):
+    import time
+
+    a, b = account(), account()
+    await stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[a, b]))
+    hold = transfer(a.id, b.id, 40, flags=PENDING, timeout_seconds=60)
+    await stub.CreateTransfers(pb.CreateTransfersRequest(transfers=[hold]))
+    moved = time.time_ns() + 120 * 10**9
+    engine_app.engine.clock = lambda: moved  # the commit loop expires the reservation
+    expired = await collect(stub, 1, types=[T.EVENT_TYPE_TRANSFER_EXPIRED])
+    await stub.CloseAccounts(pb.CloseAccountsRequest(ids=[b.id]))
+    await stub.ReopenAccounts(pb.ReopenAccountsRequest(ids=[b.id]))
+    events = await collect(stub, 6)
+    assert [e.type for e in events] == [
+        T.EVENT_TYPE_ACCOUNT_CREATED, T.EVENT_TYPE_ACCOUNT_CREATED,
+        T.EVENT_TYPE_TRANSFER_COMMITTED, T.EVENT_TYPE_TRANSFER_EXPIRED,
+        T.EVENT_TYPE_ACCOUNT_CLOSED, T.EVENT_TYPE_ACCOUNT_REOPENED]
+    assert events[3] == expired[0]
+    assert expired[0].transfer.id == hold.id and expired[0].timestamp >= moved
+    assert expired[0].debit_account_balance.debits_pending == 0
+    assert expired[0].credit_account_balance.credits_pending == 0
+    assert events[2].debit_account_balance.debits_pending == 40
+    assert events[4].account.flags & pb.ACCOUNT_FLAGS_CLOSED
+    assert not events[5].account.flags & pb.ACCOUNT_FLAGS_CLOSED
+
+
+async def test_trimmed_cursor_is_out_of_range(stub, engine_app):
+    await ledger_activity(stub)
+    events = await collect(stub, 11)
+    store = engine_app.events.store
+    await store.set_progress("redis", events[-1].cursor.commit_timestamp)
+    await store.set_progress("webhooks", events[-1].cursor.commit_timestamp)
+    # Trim the commit of the three accounts: a cursor in it can no longer resume (the engine
+    # cannot tell whether events of that commit followed it), one in the next commit can.
+    assert await store.trim(events[2].cursor.commit_timestamp, 1000) == 1
+    for cursor in (events[0].cursor, events[2].cursor):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await collect(stub, 1, after=cursor)
+        assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert await collect(stub, 7, after=events[3].cursor) == events[4:]
+    assert (await collect(stub, 1))[0] == events[3]  # no cursor: the oldest retained event
