@@ -137,8 +137,9 @@ async def test_dead_letters_are_replayed_by_the_operator(hooked):
         replayed = await stub.ReplayWebhookDeliveries(pb.ReplayWebhookDeliveriesRequest(
             subscription_id=subscription))
         assert replayed.replayed == 2
-        await until(lambda: len(receiver.acknowledged) == 2, "replayed deliveries acknowledged")
-        assert await statuses() == [1, 1]
+        while await statuses() != [1, 1]:
+            await asyncio.sleep(0.02)
+        assert len(receiver.acknowledged) == 2
         deleted = await stub.DeleteWebhookSubscription(pb.DeleteWebhookSubscriptionRequest(
             id=subscription))
         assert deleted.deleted
