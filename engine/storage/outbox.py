@@ -140,8 +140,9 @@ class EventStore:
     async def next_delivery_seconds(self) -> float | None:
         """Seconds until the next pending delivery is due (0 if one is due), None if none."""
         return await self.pool.fetchval(
-            """SELECT greatest(0, extract(epoch FROM min(next_attempt_at) - now()))::float8
-               FROM webhook_deliveries WHERE status = 0""")
+            """SELECT greatest(0, extract(epoch FROM next - now()))::float8
+               FROM (SELECT min(next_attempt_at) AS next FROM webhook_deliveries
+                     WHERE status = 0) AS due WHERE next IS NOT NULL""")
 
     async def delivery_done(self, key: tuple, delivered: bool, error: str | None,
                             retry_in_seconds: float | None) -> None:
