@@ -245,6 +245,10 @@ def encode_commit(outbox, arrays: TransferArrays, start: int, end: int) -> Encod
     for k, name in enumerate(("debits_pending", "debits_posted", "credits_pending",
                               "credits_posted")):
         states[name] = pairs[:, k]
+    # Only each account's last state in the commit reaches Redis (the commit is applied as a
+    # whole): the first occurrence of an id in the reversed records is its last change.
+    _, last = np.unique(states["id"][::-1], return_index=True)
+    states = states[np.sort(len(states) - 1 - last)]
     return EncodedCommit(commit_timestamp, events, shard_events, states.tobytes(), [], count)
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from engine.events.codec import (BALANCE_DTYPE, OutboxEvents, TransferArrays, commit_events,
-                                 encode_commits)
+from engine.events.codec import (BALANCE_DTYPE, STATE_DTYPE, OutboxEvents, TransferArrays,
+                                 commit_events, encode_commits)
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 
 ID = st.binary(min_size=16, max_size=16)
+# Accounts from a small set, so that one commit changes an account several times.
+ACCOUNT_ID = st.one_of(st.sampled_from([bytes([k]) * 16 for k in range(1, 6)]), ID)
 U32 = st.integers(0, 2**32 - 1)
 U63 = st.integers(0, 2**63 - 1)
 BASE = 1_700_000_000_000_000_000
@@ -28,8 +30,8 @@ def commits(draw):
         for _ in range(size):
             stamp += draw(st.integers(1, 3))
             columns["id"].append(draw(ID))
-            columns["debit_account_id"].append(draw(ID))
-            columns["credit_account_id"].append(draw(ID))
+            columns["debit_account_id"].append(draw(ACCOUNT_ID))
+            columns["credit_account_id"].append(draw(ACCOUNT_ID))
             columns["pending_id"].append(draw(st.one_of(st.just(bytes(16)), ID)))
             columns["amount"].append(draw(U63))
             for name in ("ledger", "code", "flags", "timeout_seconds"):
@@ -72,3 +74,20 @@ def test_kernel_encodes_what_the_protobuf_runtime_builds(case):
             per_shard.extend(batch)
         per_shard.sort(key=lambda e: e.cursor.index)
         assert per_shard == expected
+        # The projection records leave each account in the state after its last event.
+        records = np.frombuffer(commit.states, STATE_DTYPE)
+        projected = {}
+        for r in records:
+            projected[bytes.fromhex(r["id"].decode())] = tuple(int(r[f]) for f in STATE_DTYPE.names[1:])
+        final = {}
+        for e in expected:
+            if e.HasField("transfer"):
+                for account_id, b in ((e.transfer.debit_account_id, e.debit_account_balance),
+                                      (e.transfer.credit_account_id, e.credit_account_balance)):
+                    final[account_id] = (b.timestamp, b.debits_pending, b.debits_posted,
+                                         b.credits_pending, b.credits_posted)
+            else:
+                a = e.account
+                final[a.id] = (e.timestamp, a.debits_pending, a.debits_posted,
+                               a.credits_pending, a.credits_posted)
+        assert projected == final
