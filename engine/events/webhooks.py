@@ -37,6 +37,8 @@ SIGNATURE_TOLERANCE_SECONDS = 300
 DELIVERIES_PER_ROUND_MAX = 64
 BACKOFF_CAP_SECONDS = 600.0
 IDLE_POLL_SECONDS = 1.0
+# Without subscriptions the progress only bounds outbox trimming: move it now and then.
+IDLE_PROGRESS_SECONDS = 1.0
 
 
 def sign(secret: bytes, body: bytes, unix_seconds: int) -> str:
@@ -76,6 +78,7 @@ class WebhookDispatcher:
         self.settings = settings
         self.engine = engine
         self._due = asyncio.Event()
+        self._idle_progress_at = 0.0
 
     async def record(self) -> None:
         while True:
@@ -96,8 +99,10 @@ class WebhookDispatcher:
         (its start_after is the newest commit visible at its creation), so none is missed."""
         latest = await self.events.latest_commit()
         if not await self.events.subscriptions():
-            if latest > position:
+            now = time.monotonic()
+            if latest > position and now >= self._idle_progress_at:
                 await self.events.record_deliveries([], latest)
+                self._idle_progress_at = now + IDLE_PROGRESS_SECONDS
             return False
         rows, columns = await self.events.commits_after(position, 64, 32_768)
         if not rows:

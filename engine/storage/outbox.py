@@ -5,6 +5,9 @@ delay a commit.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import asyncpg
 
 from engine.storage.store import TRANSFER_FIELDS
@@ -24,6 +27,15 @@ class EventStore:
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def _background(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction of a background consumer, committed without waiting for its WAL
+        flush: a crash can only lose progress, which is then made again (publication and
+        delivery recording are idempotent), and the writer's own fsyncs are not contended."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
+            yield conn
 
     # -- the outbox ------------------------------------------------------------------------
 
@@ -70,14 +82,15 @@ class EventStore:
             "SELECT commit_timestamp FROM event_progress WHERE consumer = $1", consumer)
 
     async def set_progress(self, consumer: str, commit_timestamp: int) -> None:
-        await self.pool.execute(
-            """UPDATE event_progress SET commit_timestamp = greatest(commit_timestamp, $2)
-               WHERE consumer = $1""", consumer, commit_timestamp)
+        async with self._background() as conn:
+            await conn.execute(
+                """UPDATE event_progress SET commit_timestamp = greatest(commit_timestamp, $2)
+                   WHERE consumer = $1""", consumer, commit_timestamp)
 
     async def trim(self, before_timestamp: int, rows_max: int) -> int:
         """Delete up to rows_max outbox rows published to every consumer and older than
         before_timestamp; returns how many were deleted."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._background() as conn:
             done = await conn.fetchval(
                 """SELECT min(commit_timestamp) FROM event_progress
                    WHERE consumer IN ('redis', 'webhooks')""")
@@ -117,7 +130,7 @@ class EventStore:
     async def record_deliveries(self, deliveries: list[tuple], consumed_through: int) -> None:
         """Record (subscription_id, commit_timestamp, event_index, payload) deliveries and the
         webhooks progress in one transaction; a delivery recorded before is kept as it is."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._background() as conn:
             if deliveries:
                 await conn.executemany(
                     """INSERT INTO webhook_deliveries (subscription_id, commit_timestamp,
@@ -149,12 +162,13 @@ class EventStore:
         """After an attempt: delivered, retried after retry_in_seconds, or (None) dead."""
         status = (DELIVERY_DELIVERED if delivered else
                   DELIVERY_DEAD if retry_in_seconds is None else DELIVERY_PENDING)
-        await self.pool.execute(
-            """UPDATE webhook_deliveries SET attempts = attempts + 1, status = $4::smallint,
-                      last_error = $5, next_attempt_at = now() + make_interval(secs => $6),
-                      delivered_at = CASE WHEN $4::smallint = 1 THEN now() END
-               WHERE subscription_id = $1 AND commit_timestamp = $2 AND event_index = $3""",
-            *key, status, error, retry_in_seconds or 0.0)
+        async with self._background() as conn:
+            await conn.execute(
+                """UPDATE webhook_deliveries SET attempts = attempts + 1, status = $4::smallint,
+                          last_error = $5, next_attempt_at = now() + make_interval(secs => $6),
+                          delivered_at = CASE WHEN $4::smallint = 1 THEN now() END
+                   WHERE subscription_id = $1 AND commit_timestamp = $2 AND event_index = $3""",
+                *key, status, error, retry_in_seconds or 0.0)
 
     async def replay_dead(self, subscription_id: bytes) -> int:
         result = await self.pool.execute(
