@@ -180,5 +180,11 @@ def main(argv: list[str] | None = None) -> None:
 
     capacity_module.add_arguments(capacity)
     capacity.set_defaults(run=_quiet(capacity_module.main))
+    events_bench = commands.add_parser(
+        "events-bench", help="event publication lag under load, and catch-up after a Redis outage")
+    from engine.events import bench as events_bench_module
+
+    events_bench_module.add_arguments(events_bench)
+    events_bench.set_defaults(run=_quiet(events_bench_module.main))
     args = parser.parse_args(argv)
     sys.exit(args.run(args))

@@ -60,6 +60,18 @@ class Settings(BaseSettings):
         None, description="write the audit trail; unset: on whenever a client must authenticate")
     migration_database_url: str | None = Field(
         None, description="Postgres URL of the role that applies migrations; unset: database_url")
+    events_stream_maxlen: int = Field(
+        1_000_000, ge=1, description="approximate entries kept per Redis event stream (shard)"
+    )
+    events_retention_seconds: float = Field(
+        3600.0, ge=0,
+        description="keep published outbox rows this long (SubscribeEvents can resume within it)",
+    )
+    webhook_attempts_max: int = Field(8, ge=1, description="attempts before a delivery is dead")
+    webhook_backoff_base_seconds: float = Field(
+        1.0, gt=0, description="first retry delay bound; doubles per attempt, full jitter"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="per webhook HTTP request")
     log_level: str = Field("info")
     log_format: str = Field("auto", description="json, console, or auto (console on a terminal)")
 

@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from engine.config import Settings
+from engine.events.codec import OutboxEvents
 from engine.ids import ZERO_ID, halves
 from engine.kernels import _copy as copy
 from engine.kernels import apply_transfers, shard_of
@@ -74,6 +75,9 @@ class PostingEngine:
         self._next_expiry = 0
         self._lookup_commits_left = 0
         self.optimistic_conflicts = 0  # batches applied again after an id was found committed
+        # The last timestamp of the last commit; readers of the event outbox wait on _committed.
+        self.committed_timestamp = 0
+        self._committed = asyncio.Event()
 
     @property
     def shard_count(self) -> int:
@@ -110,6 +114,7 @@ class PostingEngine:
         self._cache = AccountCache()
         self._clock_ns = self._lease.last_timestamp
         self._last_seq = dict(self._lease.last_seq)
+        self.committed_timestamp = self._clock_ns
         self._next_expiry = await self.store.next_expiry()
         self._available = True
         log.info("shards leased", shards=len(self._lease.epochs),
@@ -179,6 +184,19 @@ class PostingEngine:
 
     def queue_depths(self) -> dict[int, int]:
         return dict(self._queued_items)
+
+    async def wait_for_commit(self, after_timestamp: int, timeout_seconds: float) -> bool:
+        """Wait until a commit later than after_timestamp, for at most timeout_seconds."""
+        deadline = time.monotonic() + timeout_seconds
+        while self.committed_timestamp <= after_timestamp:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._committed.wait(), left)
+            except TimeoutError:
+                return False
+        return True
 
     # -- the commit loop -------------------------------------------------------------------
 
@@ -278,6 +296,7 @@ class PostingEngine:
         assert self._lease is not None
         stages = self.stages
         self._now = max(self.clock(), self._clock_ns + 1)
+        first_timestamp = self._clock_ns + 1
         with stages.stage("load_transfers"):
             committed = await self._load_transfers(batch, pending_only=optimistic)
             expiry_checked = self._expiry_within(1 + sum(request.items for request in batch))
@@ -285,6 +304,7 @@ class PostingEngine:
         with stages.stage("load_accounts"):
             await self._load_accounts(batch, committed)
         write = _Writes()
+        cache = self._cache
         if expired:
             self._expire(expired, committed, write)
         outcomes: list[Outcome] = []
@@ -298,11 +318,19 @@ class PostingEngine:
                     self._stamp(len(request.accounts)),
                 )
                 write.created.extend(slots)
+                for slot in slots:
+                    write.events.account_created(cache.row(slot))
                 outcomes.append(Outcome(results, stamps))
             elif request.closures is not None:
                 results, stamps, slots = set_closed(self._cache, request.closures, request.close,
                                                     self._stamp(len(request.closures)))
                 write.flags_changed.extend(slots)
+                changed = set(slots)
+                for account_id, stamp in zip(request.closures, stamps):
+                    slot = cache.slot_of.get(account_id)
+                    if slot in changed:  # the first mention of an account is its change
+                        changed.discard(slot)
+                        write.events.account_closed(cache.row(slot), stamp, request.close)
                 outcomes.append(Outcome(results, stamps))
             else:
                 with stages.stage("prepare"):
@@ -315,7 +343,10 @@ class PostingEngine:
                     raise _KnownIds()
         with stages.stage("write"):
             await self.store.write_batch(self._lease, write.finish(
-                self._cache, self.shard_count, self._last_seq, self._clock_ns))
+                self._cache, self.shard_count, self._last_seq, first_timestamp, self._clock_ns))
+        self.committed_timestamp = self._clock_ns
+        self._committed.set()
+        self._committed = asyncio.Event()
         if expiry_checked:
             self._next_expiry = await self.store.next_expiry()
         for expires_at in write.new_expiries:
@@ -410,6 +441,8 @@ class PostingEngine:
             write.status_changed[state[0]] = state
             write.touch(debit, credit)
             write.history_of(cache, debit, credit, timestamp)
+            write.events.transfer_expired(state, int(cache.shard[debit]), timestamp,
+                                          _balances(cache, debit), _balances(cache, credit))
         log.info("reservations expired", count=len(expired), commit_timestamp=timestamp)
 
     def _apply_transfers(self, run: list[Request], committed: dict[bytes, list],
@@ -511,6 +544,7 @@ class PostingEngine:
         storage_shards = np.empty(len(ok), np.int32)
         shard_of(rows.id_hi[ok], rows.id_lo[ok], self.shard_count, storage_shards)
         user_data = [rows.user_data[i] for i in ok.tolist()]
+        write.events.transfer_balances.append(balances_after[ok])
         write.transfer_chunks.append(TransferChunk(
             shard=storage_shards, id_hi=rows.id_hi[ok], id_lo=rows.id_lo[ok],
             debit_hi=rows.debit_hi[source], debit_lo=rows.debit_lo[source],
@@ -665,6 +699,7 @@ class _Writes:
         self.history: list[tuple] = []
         self.new_expiries: list[int] = []
         self.requests: list[tuple] = []  # REQUEST_LOG_COLUMNS
+        self.events = OutboxEvents()
 
     def touch(self, *slots: int) -> None:
         self.touched.append(np.array(slots, np.int64))
@@ -684,7 +719,7 @@ class _Writes:
                                      *(int(b) for b in balances)))
 
     def finish(self, cache: AccountCache, shard_count: int, last_seq: dict[int, int],
-               last_timestamp: int) -> BatchWrite:
+               first_timestamp: int, last_timestamp: int) -> BatchWrite:
         created = set(self.created)
         slots = np.unique(np.concatenate(self.touched)) if self.touched else np.zeros(0, np.int64)
         if created:
@@ -706,6 +741,7 @@ class _Writes:
             last_seq=dict(last_seq),
             last_timestamp=last_timestamp,
             requests=self.requests,
+            outbox=self.events.outbox_row(first_timestamp, last_timestamp),
         )
 
 
@@ -719,6 +755,11 @@ def _stored_range(results: list[int], stamps: list[int], start: int,
         return None
     last = next(i for i in range(end - 1, first - 1, -1) if results[i] == RESULT_OK)
     return stamps[first], stamps[last]
+
+
+def _balances(cache: AccountCache, slot: int) -> tuple[int, int, int, int]:
+    return (int(cache.debits_pending[slot]), int(cache.debits_posted[slot]),
+            int(cache.credits_pending[slot]), int(cache.credits_posted[slot]))
 
 
 def _count(shards: np.ndarray) -> dict[int, int]:

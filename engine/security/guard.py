@@ -185,6 +185,27 @@ class Guard:
         return [r for r in rows if entitlement.ledger_ok(r["ledger"])
                 and (r["debit_account_id"] in entitled or r["credit_account_id"] in entitled)]
 
+    def visible_account_messages(self, accounts: list) -> list:
+        """visible_accounts for Account messages (the Redis projection's)."""
+        entitlement = restricted()
+        if entitlement is None:
+            return accounts
+        return [a for a in accounts if entitlement.account_ok(a.id, a.ledger, a.code)]
+
+    def event_ledgers(self, what: str) -> frozenset[int] | None:
+        """The ledgers whose events the caller may follow (None: every ledger).
+
+        The event stream and webhooks carry every change of a ledger, so an entitlement that
+        names accounts (by code or id) cannot follow them at all (NotEntitled, naming `what`);
+        one that names ledgers gets the events of those ledgers."""
+        entitlement = restricted()
+        if entitlement is None:
+            return None
+        if not entitlement.all_accounts:
+            raise NotEntitled([what], "events carry every account of a ledger, and the "
+                                      "entitlement names accounts")
+        return entitlement.ledgers
+
     async def account_visible(self, account_id: bytes) -> bool:
         entitlement = restricted()
         if entitlement is None:

@@ -168,6 +168,11 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_stream_rpc_method_handler(
                 self._stream(behavior, rpc, mutating),
                 response_serializer=handler.response_serializer)
+        if handler.response_streaming:
+            assert inspect.isasyncgenfunction(handler.unary_stream)
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(handler.unary_stream, rpc),
+                response_serializer=handler.response_serializer)
         return grpc.unary_unary_rpc_method_handler(
             self._unary(handler.unary_unary, rpc, mutating),
             response_serializer=handler.response_serializer)
@@ -196,6 +201,39 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     return response
                 finally:
                     self._leave(principal)
+            finally:
+                _reset(tokens)
+
+        return handle
+
+    def _server_stream(self, behavior, rpc: str):
+        """A read whose answer is a stream (SubscribeEvents): authenticated, entitled and
+        limited like any call; a refusal or an authorization failure on the way is audited."""
+        async def handle(raw: bytes, context):
+            principal, tokens = "", []
+            try:
+                try:
+                    principal = self.principal(context)
+                    tokens = await self._enter(principal, rpc)
+                except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
+                    await self._refuse(error, principal, rpc, raw, context)
+                self._in_flight[principal] += 1
+                error = None
+                try:
+                    async for response in behavior(raw, context):
+                        yield response
+                except BaseException as raised:
+                    error = raised
+                    raise
+                finally:
+                    self._leave(principal)
+                    code = final_code(context, error)
+                    if code in AUDITED_FAILURES:
+                        try:
+                            await self.audit(principal, rpc, raw, code,
+                                             str(context.details() or ""))
+                        except AuditUnavailable:
+                            log.warning("audit record of a failed stream not written")
             finally:
                 _reset(tokens)
 

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from engine import limits
 from engine.config import Settings
+from engine.events.service import EventParts
 from engine.gen.txengine.v1 import ledger_pb2, ledger_pb2_grpc
 from engine.observability.metrics import MetricsServer
 from engine.posting.engine import PostingEngine
@@ -76,6 +77,7 @@ class EngineApp:
     port: int
     redis: aioredis.Redis
     embedded: list
+    events: EventParts
     _health_task: asyncio.Task | None = None
     metrics: MetricsServer | None = None
     audit: AuditTrail | None = None
@@ -92,6 +94,7 @@ class EngineApp:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.engine.stop(grace)
+        await self.events.stop()
         if self.audit is not None:
             await self.audit.stop()
         await self.store.close()
@@ -149,7 +152,8 @@ async def start(settings: Settings) -> EngineApp:
     server = grpc.aio.server(options=grpc_options(),
                              maximum_concurrent_rpcs=settings.rpc_concurrency_max,
                              interceptors=interceptors)
-    add_to_server(LedgerServicer(engine, store, guard), server)
+    events = EventParts(store, redis_client, engine, settings)
+    add_to_server(LedgerServicer(engine, store, events, guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -160,8 +164,10 @@ async def start(settings: Settings) -> EngineApp:
     else:
         port = server.add_secure_port(settings.listen, credentials)
     await server.start()
-    app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded)
+    app = EngineApp(settings, server, engine, store, health_servicer, port, redis_client, embedded,
+                    events)
     app.audit = security.audit if security is not None else None
+    events.start()
     app._health_task = asyncio.create_task(app._watch_health())
     # -- observability: the Prometheus endpoint, off unless metrics_listen is set
     if settings.metrics_listen is not None:

@@ -20,6 +20,7 @@ from engine.security.audit import AuditUnavailable
 from engine.security.guard import NotEntitled
 from engine.security.ratelimit import RateLimited
 from engine.security.tokens import Unauthenticated
+from engine.storage.outbox import CursorExpired
 
 log = structlog.get_logger("engine.server")
 
@@ -92,6 +93,8 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
     if isinstance(error, STORAGE_ERRORS):
         return _status(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {type(error).__name__}",
                        "STORAGE_UNAVAILABLE")
+    if isinstance(error, CursorExpired):
+        return _status(grpc.StatusCode.OUT_OF_RANGE, str(error), "CURSOR_EXPIRED")
     if isinstance(error, Unimplemented):
         return _status(grpc.StatusCode.UNIMPLEMENTED, str(error), "UNIMPLEMENTED")
     return _status(grpc.StatusCode.INTERNAL, "internal error; the request may be retried with "

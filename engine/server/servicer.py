@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
+import urllib.parse
+import uuid
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -18,12 +21,15 @@ import numpy as np
 from engine import limits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.gen.txengine.v1 import ledger_pb2_grpc
+from engine.events.codec import encode_commits
+from engine.events.relay import read_projection
+from engine.events.service import EventParts
 from engine.ids import ZERO_ID
 from engine.posting.accounts import NewAccount
 from engine.posting.batch import TransferColumns, shards_of
 from engine.posting.engine import PostingEngine
 from engine.results import TransferResult
-from engine.security.guard import Guard
+from engine.security.guard import Guard, NotEntitled
 from engine.server.errors import InvalidRequest, Violation, abort, handle_errors
 from engine.storage.store import AccountQuery, Store
 
@@ -32,6 +38,15 @@ FILTER_FLAGS_KNOWN = (pb.ACCOUNT_FILTER_FLAGS_DEBITS | pb.ACCOUNT_FILTER_FLAGS_C
                       | pb.ACCOUNT_FILTER_FLAGS_REVERSED)
 # StreamTransfers: requests of one stream being committed at once; more waits (flow control).
 STREAM_IN_FLIGHT_MAX = 8
+EVENT_TYPES = frozenset(pb.EventType.values()) - {pb.EVENT_TYPE_UNSPECIFIED}
+CONSISTENCIES = frozenset(pb.Consistency.values())
+WEBHOOK_URL_CHARS_MAX = 2048
+WEBHOOK_SECRET_BYTES = (16, 256)
+# SubscribeEvents: commits read per round, and how long to wait for a commit when caught up.
+SUBSCRIBE_COMMITS_PER_READ = 16
+SUBSCRIBE_TRANSFERS_PER_READ = 8_190
+SUBSCRIBE_IDLE_SECONDS = 1.0
+PROJECTION_TIMEOUT_SECONDS = 0.5
 
 
 
@@ -144,6 +159,40 @@ def decode_filter(account_filter) -> AccountQuery:
     )
 
 
+def _event_types(values, field: str, violations: list[Violation]) -> list[int]:
+    for index, value in enumerate(values):
+        if value not in EVENT_TYPES:
+            violations.append(Violation(f"{field}[{index}]", f"unknown event type {value}"))
+    return sorted(set(values))
+
+
+def decode_subscription(request) -> tuple[str, list[int], bytes]:
+    violations: list[Violation] = []
+    url = urllib.parse.urlsplit(request.url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        violations.append(Violation("url", "must be an absolute http or https URL"))
+    if len(request.url) > WEBHOOK_URL_CHARS_MAX:
+        violations.append(Violation("url", f"at most {WEBHOOK_URL_CHARS_MAX} characters"))
+    low, high = WEBHOOK_SECRET_BYTES
+    if not low <= len(request.secret) <= high:
+        violations.append(Violation("secret", f"must be {low}..{high} bytes, got {len(request.secret)}"))
+    types = _event_types(request.types, "types", violations)
+    if violations:
+        raise InvalidRequest(violations)
+    return request.url, types, request.secret
+
+
+def _subscription_id(value: bytes, field: str) -> bytes:
+    if len(value) != limits.ID_BYTES or value == ZERO_ID:
+        raise InvalidRequest([Violation(field, "must be a non-zero 16-byte id")])
+    return value
+
+
+def subscription_message(row) -> pb.WebhookSubscription:
+    return pb.WebhookSubscription(id=row["id"], url=row["url"], types=row["event_types"],
+                                  created_at=row["created_at"])
+
+
 def account_message(row) -> pb.Account:
     return pb.Account(
         id=row["id"], ledger=row["ledger"], code=row["code"], flags=row["flags"],
@@ -172,9 +221,11 @@ def _transfer_results(outcome) -> list[pb.CreateTransferResult]:
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     """The v1 LedgerService over one posting engine and its store."""
 
-    def __init__(self, engine: PostingEngine, store: Store, guard: Guard | None = None):
+    def __init__(self, engine: PostingEngine, store: Store, events: EventParts,
+                 guard: Guard | None = None):
         self.engine = engine
         self.store = store
+        self.events = events
         # Entitlements and item rates of the caller (engine.security); None: no checks.
         self.guard = guard
 
@@ -224,10 +275,111 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     @handle_errors
     async def LookupAccounts(self, request, context):
         shards, ids = _lookup_ids(request.ids, self.engine.shard_count)
+        violations = []
+        if request.consistency not in CONSISTENCIES:
+            violations.append(Violation("consistency", f"unknown value {request.consistency}"))
+        if request.min_version < 0:
+            violations.append(Violation("min_version", "versions are not negative"))
+        if violations:
+            raise InvalidRequest(violations)
+        if request.consistency == pb.CONSISTENCY_EVENTUAL and ids:
+            response = await self._lookup_projection(ids, request.min_version)
+            if response is not None:
+                return response
+        version = self.engine.committed_timestamp
         rows = await self.store.lookup_accounts(shards, ids) if ids else []
         if self.guard is not None:
             rows = await self.guard.visible_accounts(rows)
-        return pb.LookupAccountsResponse(accounts=[account_message(r) for r in rows])
+        return pb.LookupAccountsResponse(accounts=[account_message(r) for r in rows],
+                                         version=version)
+
+    async def _lookup_projection(self, ids: list[bytes],
+                                 min_version: int) -> pb.LookupAccountsResponse | None:
+        """The accounts from the Redis projection, or None when it cannot serve them: behind
+        min_version, unreachable, or missing an account that Postgres may have."""
+        try:
+            version, accounts = await asyncio.wait_for(
+                read_projection(self.events.redis, ids), PROJECTION_TIMEOUT_SECONDS)
+        except Exception:  # noqa: BLE001 - any Redis failure: read Postgres instead
+            return None
+        if version < min_version or any(a is None for a in accounts):
+            return None
+        if self.guard is not None:
+            accounts = self.guard.visible_account_messages(accounts)
+        return pb.LookupAccountsResponse(accounts=accounts, version=version)
+
+    async def SubscribeEvents(self, request, context):
+        """Events after request.after, then live; ends only when the client goes away."""
+        violations: list[Violation] = []
+        types = set(_event_types(request.types, "types", violations))
+        after = (request.after.commit_timestamp, request.after.index)
+        if after[0] < 0:
+            violations.append(Violation("after.commit_timestamp", "timestamps are not negative"))
+        if violations:
+            raise InvalidRequest(violations)
+        ledgers = self.guard.event_ledgers("SubscribeEvents") if self.guard is not None else None
+        store = self.events.store
+        position = after[0] - 1 if request.HasField("after") else await store.progress("trimmed")
+        await store.check_cursor(max(position, 0))
+        while True:
+            seen = self.engine.committed_timestamp
+            rows, columns = await store.commits_after(position, SUBSCRIBE_COMMITS_PER_READ,
+                                                      SUBSCRIBE_TRANSFERS_PER_READ)
+            await store.check_cursor(position)
+            if not rows:
+                await self.engine.wait_for_commit(seen, SUBSCRIBE_IDLE_SECONDS)
+                continue
+            for commit in encode_commits(rows, columns):
+                position = commit.commit_timestamp
+                response = pb.SubscribeEventsResponse.FromString(commit.events)
+                if types or commit.commit_timestamp <= after[0] or ledgers is not None:
+                    kept = [e for e in response.events
+                            if (e.cursor.commit_timestamp, e.cursor.index) > after
+                            and (not types or e.type in types)
+                            and (ledgers is None or _event_ledger(e) in ledgers)]
+                    response = pb.SubscribeEventsResponse(events=kept)
+                if response.events:
+                    yield response
+
+    def _webhooks_entitled(self, rpc: str) -> None:
+        """Webhooks deliver every event of every ledger: only an unrestricted principal
+        manages them."""
+        if self.guard is not None and self.guard.event_ledgers(rpc) is not None:
+            raise NotEntitled([rpc], "webhooks deliver every ledger's events, and the "
+                                     "entitlement names ledgers")
+
+    @handle_errors
+    async def CreateWebhookSubscription(self, request, context):
+        self._webhooks_entitled("CreateWebhookSubscription")
+        url, types, secret = decode_subscription(request)
+        subscription_id = uuid.uuid4().bytes
+        created_at = time.time_ns()
+        store = self.events.store
+        await store.create_subscription(subscription_id, url, types, secret, created_at,
+                                        await store.latest_commit())
+        return pb.CreateWebhookSubscriptionResponse(subscription=pb.WebhookSubscription(
+            id=subscription_id, url=url, types=types, created_at=created_at))
+
+    @handle_errors
+    async def ListWebhookSubscriptions(self, request, context):
+        self._webhooks_entitled("ListWebhookSubscriptions")
+        rows = await self.events.store.subscriptions()
+        return pb.ListWebhookSubscriptionsResponse(
+            subscriptions=[subscription_message(r) for r in rows])
+
+    @handle_errors
+    async def DeleteWebhookSubscription(self, request, context):
+        self._webhooks_entitled("DeleteWebhookSubscription")
+        deleted = await self.events.store.delete_subscription(_subscription_id(request.id, "id"))
+        return pb.DeleteWebhookSubscriptionResponse(deleted=deleted)
+
+    @handle_errors
+    async def ReplayWebhookDeliveries(self, request, context):
+        self._webhooks_entitled("ReplayWebhookDeliveries")
+        replayed = await self.events.store.replay_dead(
+            _subscription_id(request.subscription_id, "subscription_id"))
+        self.events.webhooks.wake()
+        return pb.ReplayWebhookDeliveriesResponse(replayed=replayed)
 
     @handle_errors
     async def LookupTransfers(self, request, context):
@@ -331,6 +483,21 @@ def _streaming(method, request_type):
     return handler
 
 
+def _server_streaming(method, request_type):
+    @functools.wraps(method)
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext):
+        try:
+            async with contextlib.aclosing(method(_parse(request_type, raw), context)) as responses:
+                async for response in responses:
+                    yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the boundary, as in handle_errors
+            await abort(context, error)
+
+    return handler
+
+
 def add_to_server(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
     """Register LedgerService with request bodies parsed by the servicer (see _parse)."""
     service = pb.DESCRIPTOR.services_by_name["LedgerService"]
@@ -344,8 +511,17 @@ def add_to_server(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 _streaming(implementation, request_type),
                 response_serializer=response_type.SerializeToString)
+        elif method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _server_streaming(implementation, request_type),
+                response_serializer=response_type.SerializeToString)
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(implementation, request_type),
                 response_serializer=response_type.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _event_ledger(event: pb.Event) -> int:
+    """The ledger of what an event describes (a transfer, else an account)."""
+    return event.transfer.ledger if event.HasField("transfer") else event.account.ledger

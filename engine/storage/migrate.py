@@ -41,7 +41,10 @@ def migrations() -> list[Migration]:
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text()))
     found.sort(key=lambda m: m.version)
-    assert [m.version for m in found] == list(range(1, len(found) + 1)), "gap in migrations"
+    # Versions are applied by set membership, so numbers reserved for other changes may be
+    # missing; two files with one number would be a packaging defect.
+    versions = [m.version for m in found]
+    assert len(set(versions)) == len(versions), "two migrations share a version"
     return found
 
 

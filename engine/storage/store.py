@@ -64,6 +64,17 @@ class AccountQuery:
     user_data: bytes | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class OutboxRow:
+    """One commit's row of event_outbox (see migration 0004)."""
+
+    commit_timestamp: int
+    first_timestamp: int
+    transfer_count: int
+    transfer_balances: bytes
+    other_events: bytes
+
+
 @dataclasses.dataclass
 class BatchWrite:
     """Everything one commit writes, in storage-row form."""
@@ -79,6 +90,7 @@ class BatchWrite:
     last_seq: dict[int, int]
     last_timestamp: int
     requests: list[tuple] = dataclasses.field(default_factory=list)  # REQUEST_LOG_COLUMNS
+    outbox: OutboxRow | None = None  # None when the commit changed nothing
 
 
 @dataclasses.dataclass
@@ -149,6 +161,11 @@ class Store:
         self._writer: asyncpg.Connection | None = None
         self._lease_conn: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool | None:
+        """The read pool (None until open)."""
+        return self._pool
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -315,6 +332,13 @@ class Store:
             if batch.requests:
                 await conn.copy_records_to_table(
                     "request_log", records=batch.requests, columns=REQUEST_LOG_COLUMNS
+                )
+            if batch.outbox is not None:
+                await conn.execute(
+                    """INSERT INTO event_outbox (commit_timestamp, first_timestamp, transfer_count,
+                                                 transfer_balances, other_events)
+                       VALUES ($1, $2, $3, $4, $5)""",
+                    *dataclasses.astuple(batch.outbox),
                 )
 
     # -- readers ---------------------------------------------------------------------------

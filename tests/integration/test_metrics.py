@@ -128,7 +128,9 @@ async def test_rpcs_move_the_grpc_series(served, channel):
 async def test_every_ledger_method_is_there_before_its_first_call(served):
     samples = await scrape(served.metrics.address)
     for method in pb.DESCRIPTOR.services_by_name["LedgerService"].methods:
-        kind = "bidi_stream" if method.client_streaming and method.server_streaming else "unary"
+        kind = {(False, False): "unary", (True, False): "client_stream",
+                (False, True): "server_stream", (True, True): "bidi_stream"}[
+            (method.client_streaming, method.server_streaming)]
         labels = rpc(method.name, kind)
         assert ("grpc_server_started_total", frozenset(labels.items())) in samples
         assert ("grpc_server_handled_total",

@@ -59,6 +59,10 @@ concurrent_rpcs_max = 1
 
 [principals."svc-readonly"]
 rpcs = ["LookupAccounts"]
+
+[principals."svc-ledger2"]
+rpcs = ["*"]
+ledgers = [2]
 """
 
 
@@ -336,6 +340,58 @@ async def test_lookups_outside_the_entitlement_return_nothing(secure_app, materi
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await payments.CloseAccounts(pb.CloseAccountsRequest(ids=[x]))
         assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_events_follow_the_entitlement(secure_app, material):
+    """The event stream and webhooks carry every account of a ledger: a principal entitled to
+    some accounts cannot follow them, one entitled to some ledgers sees only those ledgers'
+    events, and eventually consistent lookups are filtered like strong ones."""
+    reports_channel, reports = secure_stub(secure_app, material, "reports")
+    channel, payments = secure_stub(secure_app, material, "payments")
+    ledger2 = bearer(token(material, "svc-ledger2"))
+    async with reports_channel, channel:
+        x, y = await _accounts(reports, 20, 21)
+        a, = await _accounts(payments, 10)
+        two = [account(ledger=2, code=30) for _ in range(2)]
+        await reports.CreateAccounts(pb.CreateAccountsRequest(accounts=two))
+        await reports.CreateTransfers(pb.CreateTransfersRequest(transfers=[
+            transfer(x, y, 3), transfer(two[0].id, two[1].id, 4, ledger=2)]))
+
+        for call in (lambda: _read_events(payments),
+                     lambda: payments.CreateWebhookSubscription(
+                         pb.CreateWebhookSubscriptionRequest(url="http://127.0.0.1:9/h",
+                                                             secret=b"k" * 16)),
+                     lambda: reports.CreateWebhookSubscription(
+                         pb.CreateWebhookSubscriptionRequest(url="http://127.0.0.1:9/h",
+                                                             secret=b"k" * 16),
+                         metadata=ledger2)):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call()
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        seen = await _read_events(reports, metadata=ledger2)
+        assert seen and {e.account.ledger or e.transfer.ledger for e in seen} == {2}
+        everything = await _read_events(reports)
+        assert {e.account.ledger or e.transfer.ledger for e in everything} == {1, 2}
+
+        found = await payments.LookupAccounts(pb.LookupAccountsRequest(
+            ids=[x, a], consistency=pb.CONSISTENCY_EVENTUAL))
+        assert [acc.id for acc in found.accounts] == [a]
+
+
+async def _read_events(stub, metadata=None) -> list:
+    """The events already committed: SubscribeEvents from the start, read until a pause."""
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest(), metadata=metadata)
+    events = []
+    try:
+        while True:
+            try:
+                response = await asyncio.wait_for(call.read(), 1.0)
+            except asyncio.TimeoutError:
+                return events
+            events.extend(response.events)
+    finally:
+        call.cancel()
 
 
 # -- rate limits -----------------------------------------------------------------------------

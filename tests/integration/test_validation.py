@@ -26,7 +26,8 @@ TRANSFER_ID_FIELDS = ("id", "debit_account_id", "credit_account_id", "pending_id
 BAD_LENGTHS = (1, 15, 17, 32)
 RPCS = ("CreateAccounts", "CreateTransfers", "LookupAccounts", "LookupTransfers",
         "GetAccountTransfers", "GetAccountBalances", "StreamTransfers", "CloseAccounts",
-        "ReopenAccounts")
+        "ReopenAccounts", "SubscribeEvents", "CreateWebhookSubscription",
+        "ListWebhookSubscriptions", "DeleteWebhookSubscription", "ReplayWebhookDeliveries")
 DEBITS = pb.ACCOUNT_FILTER_FLAGS_DEBITS
 CREDITS = pb.ACCOUNT_FILTER_FLAGS_CREDITS
 REVERSED = pb.ACCOUNT_FILTER_FLAGS_REVERSED
@@ -265,6 +266,7 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
     service = pb.DESCRIPTOR.services_by_name["LedgerService"]
     assert {m.name for m in service.methods} == set(RPCS)
     account_filter = pb.AccountFilter(account_id=a, limit=10, flags=DEBITS | CREDITS)
+    hook: list[bytes] = []  # the webhook subscription created below
     calls = {
         "CreateAccounts": lambda: stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[account()])),
         "CreateTransfers": lambda: stub.CreateTransfers(pb.CreateTransfersRequest(
@@ -279,10 +281,34 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
             transfers=[transfer(a, b, 1)])]),
         "CloseAccounts": lambda: stub.CloseAccounts(pb.CloseAccountsRequest(ids=[new_id()])),
         "ReopenAccounts": lambda: stub.ReopenAccounts(pb.ReopenAccountsRequest(ids=[new_id()])),
+        "SubscribeEvents": lambda: _first_events(stub),
+        "CreateWebhookSubscription": lambda: _webhook_subscription(stub, hook),
+        "ListWebhookSubscriptions": lambda: stub.ListWebhookSubscriptions(
+            pb.ListWebhookSubscriptionsRequest()),
+        "ReplayWebhookDeliveries": lambda: stub.ReplayWebhookDeliveries(
+            pb.ReplayWebhookDeliveriesRequest(subscription_id=hook[0])),
+        "DeleteWebhookSubscription": lambda: stub.DeleteWebhookSubscription(
+            pb.DeleteWebhookSubscriptionRequest(id=hook[0])),
     }
     assert set(calls) == set(RPCS)
     for name, call in calls.items():
         await call()  # raises AioRpcError on any non-OK status
+
+
+async def _first_events(stub) -> None:
+    """The first response of an event subscription (the stream then goes on live)."""
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest())
+    try:
+        response = await call.read()
+        assert response.events
+    finally:
+        call.cancel()
+
+
+async def _webhook_subscription(stub, hook: list[bytes]) -> None:
+    response = await stub.CreateWebhookSubscription(pb.CreateWebhookSubscriptionRequest(
+        url="http://127.0.0.1:9/hook", secret=b"s" * 16))
+    hook.append(response.subscription.id)
 
 
 @pytest.mark.parametrize("flags", [
