@@ -39,6 +39,10 @@ class InvalidRequest(Exception):
         self.violations = violations
 
 
+class NotFound(Exception):
+    """A named configuration object (a fee schedule) does not exist."""
+
+
 class Unimplemented(Exception):
     """The RPC or flag is part of the contract but not served by this engine version."""
 
@@ -80,6 +84,8 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
     if isinstance(error, STORAGE_ERRORS):
         return _status(grpc.StatusCode.UNAVAILABLE, f"storage unavailable: {type(error).__name__}",
                        "STORAGE_UNAVAILABLE")
+    if isinstance(error, NotFound):
+        return _status(grpc.StatusCode.NOT_FOUND, str(error), "NOT_FOUND")
     if isinstance(error, Unimplemented):
         return _status(grpc.StatusCode.UNIMPLEMENTED, str(error), "UNIMPLEMENTED")
     return _status(grpc.StatusCode.INTERNAL, "internal error; the request may be retried with "
