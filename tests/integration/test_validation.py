@@ -26,7 +26,7 @@ TRANSFER_ID_FIELDS = ("id", "debit_account_id", "credit_account_id", "pending_id
 BAD_LENGTHS = (1, 15, 17, 32)
 RPCS = ("CreateAccounts", "CreateTransfers", "LookupAccounts", "LookupTransfers",
         "GetAccountTransfers", "GetAccountBalances", "StreamTransfers", "CloseAccounts",
-        "ReopenAccounts")
+        "ReopenAccounts", "CreateFeeSchedule", "GetFeeSchedule", "ListFeeSchedules", "Simulate")
 DEBITS = pb.ACCOUNT_FILTER_FLAGS_DEBITS
 CREDITS = pb.ACCOUNT_FILTER_FLAGS_CREDITS
 REVERSED = pb.ACCOUNT_FILTER_FLAGS_REVERSED
@@ -265,6 +265,7 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
     service = pb.DESCRIPTOR.services_by_name["LedgerService"]
     assert {m.name for m in service.methods} == set(RPCS)
     account_filter = pb.AccountFilter(account_id=a, limit=10, flags=DEBITS | CREDITS)
+    schedule_id = new_id()
     calls = {
         "CreateAccounts": lambda: stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[account()])),
         "CreateTransfers": lambda: stub.CreateTransfers(pb.CreateTransfersRequest(
@@ -279,6 +280,11 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
             transfers=[transfer(a, b, 1)])]),
         "CloseAccounts": lambda: stub.CloseAccounts(pb.CloseAccountsRequest(ids=[new_id()])),
         "ReopenAccounts": lambda: stub.ReopenAccounts(pb.ReopenAccountsRequest(ids=[new_id()])),
+        "CreateFeeSchedule": lambda: stub.CreateFeeSchedule(pb.CreateFeeScheduleRequest(
+            schedule=pb.FeeSchedule(id=schedule_id, fees=[pb.Fee(account_id=b, rate_ppm=100)]))),
+        "GetFeeSchedule": lambda: stub.GetFeeSchedule(pb.GetFeeScheduleRequest(id=schedule_id)),
+        "ListFeeSchedules": lambda: stub.ListFeeSchedules(pb.ListFeeSchedulesRequest(limit=1)),
+        "Simulate": lambda: stub.Simulate(pb.SimulateRequest(transfers=[transfer(a, b, 1)])),
     }
     assert set(calls) == set(RPCS)
     for name, call in calls.items():

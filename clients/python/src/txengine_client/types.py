@@ -121,6 +121,10 @@ class TransferResult(enum.IntEnum):
     OVERFLOWS_TIMEOUT = 51
     EXCEEDS_CREDITS = 52
     EXCEEDS_DEBITS = 53
+    FEES_EXCEED_AMOUNT = 54
+    FEE_SCHEDULE_NOT_FOUND = 55
+    REFUND_ORIGINAL_NOT_FOUND = 56
+    EXCEEDS_REFUNDABLE_AMOUNT = 57
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
