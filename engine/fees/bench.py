@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import pathlib
 import shutil
 import tempfile
 import time
@@ -127,7 +128,7 @@ async def end_to_end(args: argparse.Namespace) -> list[dict]:
 
     import grpc
 
-    data_dir = tempfile.mkdtemp(prefix="txengine-bench-fees-")
+    data_dir = pathlib.Path(tempfile.mkdtemp(prefix="txengine-bench-fees-"))
     server = await asyncio.to_thread(EmbeddedPostgres, data_dir)
     rows = []
     try:

@@ -6,7 +6,8 @@ replay yields the same ids and the balance kernel answers EXISTS. The legs are L
 other, and the last carries the transfer's own LINKED bit, so the chain commits entirely or not
 at all and a caller's own chain still spans it. A refund reverses the legs of its original in
 proportion to its amount (allocate_refunds). Every other item passes through unchanged, and a
-request without fees never comes here.
+request without fees never comes here. Legs are built column by column (numpy), as the rest of
+the request path is.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from engine.fees.schedule import (LEGS_MAX, SLOT_NET, SLOT_RESERVE, FeeSchedule,
 from engine.ids import ZERO_ID
 from engine.kernels import _fee
 from engine.kernels import constants as c
+from engine.limits import BALANCE_MAX, ID_BYTES
 from engine.posting.batch import Outcome, TransferColumns
 from engine.storage.store import Store
 
@@ -30,16 +33,16 @@ LINKED = c.TRANSFER_FLAG_LINKED
 PENDING = c.TRANSFER_FLAG_PENDING
 # Immutable schedule versions kept in memory, (id, version) -> schedule.
 SCHEDULE_CACHE_MAX = 4_096
+SLOT_KINDS = [slot_kind(s) for s in range(LEGS_MAX)]
 
 
 def leg_id(transfer_id: bytes, slot: int) -> bytes:
     """The id of a leg other than the first: a hash of the transfer id and the slot."""
-    return hashlib.blake2b(transfer_id + bytes([slot]), digest_size=16,
+    return hashlib.blake2b(transfer_id + bytes([slot]), digest_size=ID_BYTES,
                            person=b"txengine-leg").digest()
 
 
-@dataclasses.dataclass(frozen=True)
-class Leg:
+class Leg(NamedTuple):
     id: bytes
     debit_account_id: bytes
     credit_account_id: bytes
@@ -50,24 +53,83 @@ class Leg:
     timeout_seconds: int
 
 
-@dataclasses.dataclass
-class _Item:
-    """One request item and what it became: legs (or a single failed item) and a record."""
+def _as_array(ids: list[bytes]) -> np.ndarray:
+    """16-byte ids as an (n, 16) uint8 array."""
+    return np.frombuffer(b"".join(ids), np.uint8).reshape(-1, ID_BYTES)
 
-    legs: list[Leg] | None = None
-    precheck: int = 0
-    version: int = 0
-    record: tuple | None = None
+
+def _as_list(ids: np.ndarray) -> list[bytes]:
+    raw = np.ascontiguousarray(ids).tobytes()
+    return [raw[k:k + ID_BYTES] for k in range(0, len(raw), ID_BYTES)]
+
+
+@dataclasses.dataclass
+class _LegTable:
+    """Legs of some request items, one row per leg, grouped by item in slot order."""
+
+    item: np.ndarray  # int64, the request item
+    slot: np.ndarray  # int64
+    ids: list[bytes]
+    debit: np.ndarray  # (m, 16) uint8
+    credit: np.ndarray  # (m, 16) uint8
+    amount: np.ndarray  # uint64
+    flags: np.ndarray  # uint32
+    timeout: np.ndarray  # uint32
+
+    @classmethod
+    def empty(cls) -> _LegTable:
+        ids = np.zeros((0, ID_BYTES), np.uint8)
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), [], ids, ids.copy(),
+                   np.zeros(0, np.uint64), np.zeros(0, np.uint32), np.zeros(0, np.uint32))
+
+    @classmethod
+    def build(cls, cols: TransferColumns, items: np.ndarray, legs: np.ndarray,
+              slot_accounts: np.ndarray, reserve_timeout: np.ndarray, refund: bool) -> _LegTable:
+        """Legs of `items` (rows of `legs`, k x LEGS_MAX) with the accounts of each slot
+        (slot_accounts, k x LEGS_MAX x 16). A payment's legs leave its debit account (the
+        reserve leaves its credit account); a refund's legs return to its credit account."""
+        rows, slot = np.nonzero(legs)
+        item = items[rows]
+        debit_of, credit_of = _as_array(cols.debit_ids)[item], _as_array(cols.credit_ids)[item]
+        accounts = slot_accounts[rows, slot]
+        net = (slot == SLOT_NET)[:, None]
+        if refund:
+            debit, credit = np.where(net, debit_of, accounts), credit_of
+        else:
+            reserve = (slot == SLOT_RESERVE)[:, None]
+            debit = np.where(reserve, credit_of, debit_of)
+            credit = np.where(net, credit_of, accounts)
+        boundary = rows[1:] != rows[:-1]
+        first = np.concatenate([[True], boundary])
+        last = np.concatenate([boundary, [True]])
+        parent_flags = cols.flags[item].astype(np.uint32)
+        flags = np.where(last, parent_flags & LINKED, LINKED).astype(np.uint32)
+        is_reserve = slot == SLOT_RESERVE
+        flags[is_reserve] |= PENDING
+        timeout = np.where(is_reserve, reserve_timeout[rows], 0).astype(np.uint32)
+        parents = [cols.ids[i] for i in item.tolist()]
+        ids = [p if f else leg_id(p, s)
+               for p, f, s in zip(parents, first.tolist(), slot.tolist())]
+        return cls(item.astype(np.int64), slot.astype(np.int64), ids, debit, credit,
+                   legs[rows, slot].astype(np.uint64), flags, timeout)
+
+    @staticmethod
+    def concat(tables_: list[_LegTable]) -> _LegTable:
+        return _LegTable(*(
+            [x for t in tables_ for x in getattr(t, f.name)] if f.name == "ids"
+            else np.concatenate([getattr(t, f.name) for t in tables_])
+            for f in dataclasses.fields(_LegTable)))
 
 
 class Expansion:
     """The expanded request, and how to fold the legs' results back into one per item."""
 
-    def __init__(self, columns: TransferColumns, spans: list[tuple[int, int]],
-                 items: list[_Item | None], locks: list[asyncio.Lock]):
+    def __init__(self, columns: TransferColumns, first: np.ndarray, legs: list[list[Leg]],
+                 versions: list[int], locks: list[asyncio.Lock]):
         self.columns = columns
-        self.spans = spans  # per item: (first leg, leg count) in `columns`
-        self.items = items  # per item: None for an item without fees
+        self.first = first  # per item: its first row in `columns`
+        self.legs = legs  # per item: its legs ([] for an item passed through)
+        self.versions = versions
         self._locks = locks
 
     def release(self) -> None:
@@ -79,17 +141,16 @@ class Expansion:
         """One result per request item: the first leg result that is neither OK nor
         LINKED_EVENT_FAILED, else LINKED_EVENT_FAILED if any, else OK; the first leg's
         timestamp."""
-        results, timestamps, legs, versions = [], [], [], []
-        for (first, count), item in zip(self.spans, self.items):
-            span = outcome.results[first:first + count]
-            decided = next((r for r in span if r not in (c.TRANSFER_OK, c.TRANSFER_LINKED_EVENT_FAILED)),
-                           c.TRANSFER_LINKED_EVENT_FAILED if c.TRANSFER_LINKED_EVENT_FAILED in span
-                           else c.TRANSFER_OK)
-            results.append(decided)
-            timestamps.append(outcome.timestamps[first])
-            legs.append((item.legs or []) if item is not None else [])
-            versions.append(item.version if item is not None else 0)
-        return Outcome(results, timestamps, legs, versions)
+        result = np.array(outcome.results, np.int64)
+        rows = np.arange(len(result))
+        decisive = (result != c.TRANSFER_OK) & (result != c.TRANSFER_LINKED_EVENT_FAILED)
+        first_decisive = np.minimum.reduceat(np.where(decisive, rows, len(result)), self.first)
+        any_failed = np.maximum.reduceat(result == c.TRANSFER_LINKED_EVENT_FAILED, self.first)
+        decided = np.where(first_decisive < len(result),
+                           result[np.minimum(first_decisive, len(result) - 1)],
+                           np.where(any_failed, c.TRANSFER_LINKED_EVENT_FAILED, c.TRANSFER_OK))
+        timestamps = np.array(outcome.timestamps, np.int64)[self.first]
+        return Outcome(decided.tolist(), timestamps.tolist(), self.legs, self.versions)
 
 
 class FeeExpander:
@@ -123,21 +184,25 @@ class FeeExpander:
         Expansion.release(), which the caller calls once the request has committed."""
         assert cols.fee_schedule_ids is not None and cols.refund_of is not None
         n = len(cols)
-        items: list[_Item | None] = [None] * n
+        precheck = cols.precheck.astype(np.uint32)  # a copy: failures decided here go in it
+        versions = [0] * n
         fee_items = [i for i in range(n) if cols.fee_schedule_ids[i] != ZERO_ID
-                     and cols.refund_of[i] == ZERO_ID]
-        refund_items = [i for i in range(n) if cols.refund_of[i] != ZERO_ID]
+                     and cols.refund_of[i] == ZERO_ID and not precheck[i]]
+        refund_items = [i for i in range(n) if cols.refund_of[i] != ZERO_ID and not precheck[i]]
         named = [cols.ids[i] for i in fee_items + refund_items] + [cols.refund_of[i] for i in refund_items]
         records = {r["id"]: r for r in await self.store.fee_transfers(list(set(named)))} if named else {}
         locks = await self._lock([cols.refund_of[i] for i in refund_items])
         try:
-            schedules = await self._expand_fees(cols, fee_items, records, items)
-            await self._expand_refunds(cols, refund_items, records, schedules, items)
+            fee_legs, schedules, fee_records = await self._expand_fees(
+                cols, fee_items, records, precheck, versions)
+            refund_legs, refund_records = await self._expand_refunds(
+                cols, refund_items, records, schedules, precheck, versions)
         except BaseException:
             for lock in locks:
                 lock.release()
             raise
-        return self._assemble(cols, items, locks)
+        table = _LegTable.concat([fee_legs, refund_legs])
+        return _assemble(cols, table, precheck, {**fee_records, **refund_records}, versions, locks)
 
     async def _lock(self, originals: list[bytes]) -> list[asyncio.Lock]:
         locks = []
@@ -149,7 +214,7 @@ class FeeExpander:
             locks.append(lock)
         return locks
 
-    async def _expand_fees(self, cols, fee_items, records, items) -> dict:
+    async def _expand_fees(self, cols, fee_items, records, precheck, versions):
         # A replay uses the version its first attempt recorded, whatever came later.
         keys = []
         for i in fee_items:
@@ -159,50 +224,41 @@ class FeeExpander:
             keys.append((cols.fee_schedule_ids[i], version))
         refund_keys = [(r["schedule_id"], r["schedule_version"]) for r in records.values()]
         schedules = await self.schedules(keys + refund_keys)
-        runnable = [(i, schedules[k]) for i, k in zip(fee_items, keys) if k in schedules]
-        for i, k in zip(fee_items, keys):
-            if k not in schedules:
-                items[i] = _Item(precheck=c.TRANSFER_FEE_SCHEDULE_NOT_FOUND)
+        runnable, which, plans, plan_row = [], [], [], {}
+        for i, key in zip(fee_items, keys):
+            schedule = schedules.get(key)
+            if schedule is None:
+                precheck[i] = c.TRANSFER_FEE_SCHEDULE_NOT_FOUND
+            elif cols.amount[i] > BALANCE_MAX:
+                precheck[i] = c.TRANSFER_OVERFLOWS_DEBITS  # no balance can take it
+            else:
+                versions[i] = schedule.version
+                runnable.append(i)
+                row = plan_row.setdefault((schedule.id, schedule.version), len(plans))
+                if row == len(plans):
+                    plans.append(schedule)
+                which.append(row)
         if not runnable:
-            return schedules
-        plans = list({id(s): s for _, s in runnable}.values())
-        row_of = {id(s): k for k, s in enumerate(plans)}
+            return _LegTable.empty(), schedules, {}
+        items = np.array(runnable, np.int64)
+        which = np.array(which, np.int32)
         t = tables(plans)
-        amount = np.array([cols.amount[i] for i, _ in runnable], np.uint64)
-        legs = np.zeros((len(runnable), LEGS_MAX), np.uint64)
-        result = np.zeros(len(runnable), np.uint32)
-        # No balance can take more than 2^63-1: such an item fails as the balance kernel says.
-        over = amount > np.uint64(2**63 - 1)
-        amount[over] = 1
-        _fee.expand_fees(amount, np.array([row_of[id(s)] for _, s in runnable], np.int32),
-                         t.schedules, t.fees, t.tiers, t.split_weights, legs, result)
-        for k, (i, schedule) in enumerate(runnable):
-            if over[k] or result[k]:
-                items[i] = _Item(precheck=c.TRANSFER_OVERFLOWS_DEBITS if over[k] else int(result[k]),
-                                 version=schedule.version)
-                continue
-            row = legs[k].tolist()
-            accounts = schedule.slot_credit_accounts()
-            debit, credit = cols.debit_ids[i], cols.credit_ids[i]
-            built = []
-            for slot in range(LEGS_MAX):
-                if not row[slot]:
-                    continue
-                if slot == SLOT_RESERVE:
-                    built.append((slot, credit, accounts[slot], PENDING,
-                                  schedule.reserve_timeout_seconds))
-                else:
-                    built.append((slot, debit, credit if slot == SLOT_NET else accounts[slot], 0, 0))
-            items[i] = _Item(
-                legs=self._legs(cols.ids[i], cols.flags[i], built, row), version=schedule.version,
-                record=(cols.ids[i], schedule.id, schedule.version, None, debit, credit,
-                        int(cols.ledger[i]), int(cols.amount[i]),
-                        [s for s in range(LEGS_MAX) if row[s]], [v for v in row if v]))
-        return schedules
+        legs = np.zeros((len(items), LEGS_MAX), np.uint64)
+        result = np.zeros(len(items), np.uint32)
+        _fee.expand_fees(cols.amount[items].astype(np.uint64), which, t.schedules, t.fees,
+                         t.tiers, t.split_weights, legs, result)
+        failed = result != 0
+        precheck[items[failed]] = result[failed]
+        items, legs, which = items[~failed], legs[~failed], which[~failed]
+        slot_accounts = np.stack([_slot_accounts(p) for p in plans])[which]
+        reserve_timeout = np.array([p.reserve_timeout_seconds for p in plans], np.uint32)[which]
+        table = _LegTable.build(cols, items, legs, slot_accounts, reserve_timeout, refund=False)
+        return table, schedules, _records(cols, table, {
+            i: (plans[w].id, plans[w].version, None) for i, w in zip(items.tolist(), which.tolist())})
 
-    async def _expand_refunds(self, cols, refund_items, records, schedules, items) -> None:
+    async def _expand_refunds(self, cols, refund_items, records, schedules, precheck, versions):
         if not refund_items:
-            return
+            return _LegTable.empty(), {}
         originals = {}
         for i in refund_items:
             original = records.get(cols.refund_of[i])
@@ -211,13 +267,14 @@ class FeeExpander:
                     or original["debit_account_id"] != cols.credit_ids[i]
                     or original["ledger"] != cols.ledger[i]
                     or (original["schedule_id"], original["schedule_version"]) not in schedules):
-                items[i] = _Item(precheck=c.TRANSFER_REFUND_ORIGINAL_NOT_FOUND)
+                precheck[i] = c.TRANSFER_REFUND_ORIGINAL_NOT_FOUND
             else:
                 originals[i] = original
-        earlier = await self.store.refunds_of(list({r["id"] for r in originals.values()}))
         refunded: dict[bytes, list[int]] = {}
-        for row in earlier:
-            _add(refunded.setdefault(row["refund_of"], [0] * LEGS_MAX), row)
+        if originals:
+            for row in await self.store.refunds_of(list({r["id"] for r in originals.values()})):
+                _add(refunded.setdefault(row["refund_of"], [0] * LEGS_MAX), row)
+        rows: dict[int, list[int]] = {}
         # Refunds of one original in one request are allocated one after the other.
         pending = [i for i in refund_items if i in originals]
         while pending:
@@ -225,10 +282,24 @@ class FeeExpander:
             for i in pending:
                 (later if cols.refund_of[i] in seen else now).append(i)
                 seen.add(cols.refund_of[i])
-            self._allocate(cols, now, originals, records, refunded, schedules, items)
+            self._allocate(cols, now, originals, records, refunded, precheck, rows)
             pending = later
+        if not rows:
+            return _LegTable.empty(), {}
+        items = np.array(sorted(rows), np.int64)
+        legs = np.array([rows[i] for i in items.tolist()], np.uint64).reshape(-1, LEGS_MAX)
+        plans = [schedules[(originals[i]["schedule_id"], originals[i]["schedule_version"])]
+                 for i in items.tolist()]
+        for i, plan in zip(items.tolist(), plans):
+            versions[i] = plan.version
+        slot_accounts = np.stack([_slot_accounts(p) for p in plans])
+        table = _LegTable.build(cols, items, legs, slot_accounts,
+                                np.zeros(len(items), np.uint32), refund=True)
+        return table, _records(cols, table, {
+            i: (p.id, p.version, originals[i]["id"]) for i, p in zip(items.tolist(), plans)})
 
-    def _allocate(self, cols, batch, originals, records, refunded, schedules, items) -> None:
+    @staticmethod
+    def _allocate(cols, batch, originals, records, refunded, precheck, rows) -> None:
         original_legs = np.zeros((len(batch), LEGS_MAX), np.uint64)
         refunded_legs = np.zeros((len(batch), LEGS_MAX), np.uint64)
         for k, i in enumerate(batch):
@@ -242,88 +313,91 @@ class FeeExpander:
                 refunded_legs[k, slot] = value + done[slot]  # a replay does not count itself
         out = np.zeros((len(batch), LEGS_MAX), np.uint64)
         result = np.zeros(len(batch), np.uint32)
-        amount = np.minimum(np.array([cols.amount[i] for i in batch], np.uint64), np.uint64(2**63 - 1))
+        amount = np.minimum(cols.amount[batch].astype(np.uint64), np.uint64(BALANCE_MAX))
         _fee.allocate_refunds(original_legs, refunded_legs, amount, out, result)
         for k, i in enumerate(batch):
-            original = originals[i]
             own = records.get(cols.ids[i])
             if own is not None and own["amount"] == cols.amount[i]:
                 row = [0] * LEGS_MAX  # a replay reproduces what was recorded
                 for slot, value in zip(own["slots"], own["amounts"]):
                     row[slot] = value
             elif result[k] or cols.amount[i] == 0:
-                items[i] = _Item(precheck=int(result[k]))
+                precheck[i] = result[k]  # zero: the balance kernel says AMOUNT_MUST_NOT_BE_ZERO
                 continue
             else:
                 row = out[k].tolist()
-                _add(refunded.setdefault(original["id"], [0] * LEGS_MAX),
+                _add(refunded.setdefault(originals[i]["id"], [0] * LEGS_MAX),
                      {"slots": range(LEGS_MAX), "amounts": row})
-            schedule = schedules[(original["schedule_id"], original["schedule_version"])]
-            accounts = schedule.slot_credit_accounts()
-            payer, merchant = original["debit_account_id"], original["credit_account_id"]
-            built = [(slot, merchant if slot == SLOT_NET else accounts[slot], payer, 0, 0)
-                     for slot in range(LEGS_MAX) if row[slot]]
-            items[i] = _Item(
-                legs=self._legs(cols.ids[i], cols.flags[i], built, row),
-                version=schedule.version,
-                record=(cols.ids[i], schedule.id, schedule.version, original["id"],
-                        cols.debit_ids[i], cols.credit_ids[i], int(cols.ledger[i]),
-                        int(cols.amount[i]), [s for s in range(LEGS_MAX) if row[s]],
-                        [v for v in row if v]))
+            rows[i] = row
 
-    @staticmethod
-    def _legs(transfer_id: bytes, flags, built, row) -> list[Leg]:
-        legs = []
-        for k, (slot, debit, credit, extra_flags, timeout) in enumerate(built):
-            last = k == len(built) - 1
-            link = int(flags) & LINKED if last else LINKED
-            legs.append(Leg(id=transfer_id if k == 0 else leg_id(transfer_id, slot),
-                            debit_account_id=debit, credit_account_id=credit,
-                            amount=int(row[slot]), kind=slot_kind(slot), slot=slot,
-                            flags=link | extra_flags, timeout_seconds=timeout))
-        return legs
 
-    @staticmethod
-    def _assemble(cols: TransferColumns, items: list[_Item | None], locks) -> Expansion:
-        ids, debit_ids, credit_ids, pending_ids, user_data = [], [], [], [], []
-        amount, ledger, code, flags, timeout, precheck = [], [], [], [], [], []
-        spans, records = [], []
-        for i, item in enumerate(items):
-            spans.append((len(ids), len(item.legs) if item is not None and item.legs else 1))
-            if item is None or not item.legs:
-                ids.append(cols.ids[i])
-                debit_ids.append(cols.debit_ids[i])
-                credit_ids.append(cols.credit_ids[i])
-                pending_ids.append(cols.pending_ids[i])
-                user_data.append(cols.user_data[i])
-                amount.append(cols.amount[i])
-                ledger.append(cols.ledger[i])
-                code.append(cols.code[i])
-                flags.append(cols.flags[i])
-                timeout.append(cols.timeout_seconds[i])
-                precheck.append(cols.precheck[i] or (item.precheck if item is not None else 0))
-                continue
-            records.append((len(ids), item.record))
-            for leg in item.legs:
-                ids.append(leg.id)
-                debit_ids.append(leg.debit_account_id)
-                credit_ids.append(leg.credit_account_id)
-                pending_ids.append(ZERO_ID)
-                user_data.append(cols.user_data[i])
-                amount.append(leg.amount)
-                ledger.append(cols.ledger[i])
-                code.append(cols.code[i])
-                flags.append(leg.flags)
-                timeout.append(leg.timeout_seconds)
-                precheck.append(cols.precheck[i])
-        expanded = TransferColumns(
-            ids=ids, debit_ids=debit_ids, credit_ids=credit_ids, pending_ids=pending_ids,
-            amount=np.array(amount, np.uint64), ledger=np.array(ledger, np.uint32),
-            code=np.array(code, np.uint32), flags=np.array(flags, np.uint32),
-            timeout_seconds=np.array(timeout, np.uint32), user_data=user_data,
-            precheck=np.array(precheck, np.uint32), fee_records=records,
-        )
-        return Expansion(expanded, spans, items, locks)
+def _slot_accounts(schedule: FeeSchedule) -> np.ndarray:
+    """LEGS_MAX x 16: the account each slot credits (zero for SLOT_NET and unused slots)."""
+    accounts = np.zeros((LEGS_MAX, ID_BYTES), np.uint8)
+    for slot, account in schedule.slot_credit_accounts().items():
+        accounts[slot] = np.frombuffer(account, np.uint8)
+    return accounts
+
+
+def _records(cols: TransferColumns, table: _LegTable, origin: dict[int, tuple]) -> dict[int, tuple]:
+    """fee_transfers rows (without the commit timestamp) of the items of a leg table."""
+    out = {}
+    starts = np.flatnonzero(np.concatenate([[True], table.item[1:] != table.item[:-1]]))
+    ends = np.concatenate([starts[1:], [len(table.item)]])
+    slots, amounts = table.slot.tolist(), table.amount.tolist()
+    for start, end in zip(starts.tolist(), ends.tolist()):
+        i = int(table.item[start])
+        schedule_id, version, refund_of = origin[i]
+        out[i] = (cols.ids[i], schedule_id, version, refund_of, cols.debit_ids[i],
+                  cols.credit_ids[i], int(cols.ledger[i]), int(cols.amount[i]),
+                  slots[start:end], amounts[start:end])
+    return out
+
+
+def _assemble(cols: TransferColumns, table: _LegTable, precheck: np.ndarray,
+              records: dict[int, tuple], versions: list[int], locks) -> Expansion:
+    """Every item that has legs replaced by them, every other item as it came, in order."""
+    n = len(cols)
+    through = np.ones(n, bool)
+    through[table.item] = False
+    kept = np.flatnonzero(through)
+    # Rows: the items passed through, then the legs; a stable sort by item puts them in order.
+    item = np.concatenate([kept, table.item])
+    order = np.argsort(item, kind="stable")
+    kept_list = kept.tolist()
+
+    def merge(own, legs):
+        return np.concatenate([own, legs])[order]
+
+    ids = [cols.ids[i] for i in kept_list] + table.ids
+    debit = np.concatenate([_as_array([cols.debit_ids[i] for i in kept_list]), table.debit])[order]
+    credit = np.concatenate([_as_array([cols.credit_ids[i] for i in kept_list]), table.credit])[order]
+    pending = [cols.pending_ids[i] for i in kept_list] + [ZERO_ID] * len(table.ids)
+    item_sorted = item[order]
+    order_list = order.tolist()
+    expanded = TransferColumns(
+        ids=[ids[k] for k in order_list], debit_ids=_as_list(debit), credit_ids=_as_list(credit),
+        pending_ids=[pending[k] for k in order_list],
+        amount=merge(cols.amount[kept].astype(np.uint64), table.amount),
+        ledger=cols.ledger[item_sorted].astype(np.uint32),
+        code=cols.code[item_sorted].astype(np.uint32),
+        flags=merge(cols.flags[kept].astype(np.uint32), table.flags),
+        timeout_seconds=merge(cols.timeout_seconds[kept].astype(np.uint32), table.timeout),
+        user_data=[cols.user_data[i] for i in item_sorted.tolist()],
+        # Items with legs have no precheck: a failure decided here passes the item through.
+        precheck=precheck[item_sorted],
+    )
+    first = np.flatnonzero(np.concatenate([[True], item_sorted[1:] != item_sorted[:-1]]))
+    first_list = first.tolist()
+    expanded.fee_records = [(first_list[i], record) for i, record in records.items()]
+    legs: list[list[Leg]] = [[] for _ in range(n)]
+    slots, amounts = table.slot.tolist(), table.amount.tolist()
+    flags, timeouts = table.flags.tolist(), table.timeout.tolist()
+    debit_ids, credit_ids = _as_list(table.debit), _as_list(table.credit)
+    for k, i in enumerate(table.item.tolist()):
+        legs[i].append(Leg(table.ids[k], debit_ids[k], credit_ids[k], amounts[k],
+                           SLOT_KINDS[slots[k]], slots[k], flags[k], timeouts[k]))
+    return Expansion(expanded, first, legs, versions, locks)
 
 
 def _add(total: list[int], record, sign: int = 1) -> list[int]:
