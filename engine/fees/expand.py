@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.fees.schedule import (LEGS_MAX, SLOT_NET, SLOT_RESERVE, FeeSchedule, LegKind,
-                                  slot_kind, tables)
+from engine.fees.schedule import (LEGS_MAX, SLOT_NET, SLOT_RESERVE, FeeSchedule, slot_kind,
+                                  tables)
 from engine.ids import ZERO_ID
 from engine.kernels import _fee
 from engine.kernels import constants as c
@@ -33,7 +33,7 @@ LINKED = c.TRANSFER_FLAG_LINKED
 PENDING = c.TRANSFER_FLAG_PENDING
 # Immutable schedule versions kept in memory, (id, version) -> schedule.
 SCHEDULE_CACHE_MAX = 4_096
-SLOT_KINDS = [slot_kind(s) for s in range(LEGS_MAX)]
+SLOT_KINDS = [int(slot_kind(s)) for s in range(LEGS_MAX)]
 
 
 def leg_id(transfer_id: bytes, slot: int) -> bytes:
@@ -47,7 +47,7 @@ class Leg(NamedTuple):
     debit_account_id: bytes
     credit_account_id: bytes
     amount: int
-    kind: LegKind
+    kind: int  # LegKind
     slot: int
     flags: int
     timeout_seconds: int
@@ -345,12 +345,12 @@ def _records(cols: TransferColumns, table: _LegTable, origin: dict[int, tuple]) 
     starts = np.flatnonzero(np.concatenate([[True], table.item[1:] != table.item[:-1]]))
     ends = np.concatenate([starts[1:], [len(table.item)]])
     slots, amounts = table.slot.tolist(), table.amount.tolist()
-    for start, end in zip(starts.tolist(), ends.tolist()):
-        i = int(table.item[start])
+    items = table.item[starts].tolist()
+    ledgers, gross = cols.ledger[items].tolist(), cols.amount[items].tolist()
+    for i, start, end, ledger, amount in zip(items, starts.tolist(), ends.tolist(), ledgers, gross):
         schedule_id, version, refund_of = origin[i]
         out[i] = (cols.ids[i], schedule_id, version, refund_of, cols.debit_ids[i],
-                  cols.credit_ids[i], int(cols.ledger[i]), int(cols.amount[i]),
-                  slots[start:end], amounts[start:end])
+                  cols.credit_ids[i], ledger, amount, slots[start:end], amounts[start:end])
     return out
 
 

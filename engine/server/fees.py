@@ -73,7 +73,7 @@ def schedule_message(schedule: FeeSchedule) -> pb.FeeSchedule:
 
 def leg_message(leg: Leg) -> pb.Leg:
     return pb.Leg(id=leg.id, debit_account_id=leg.debit_account_id,
-                  credit_account_id=leg.credit_account_id, amount=leg.amount, kind=int(leg.kind),
+                  credit_account_id=leg.credit_account_id, amount=leg.amount, kind=leg.kind,
                   slot=leg.slot, flags=leg.flags, timeout_seconds=leg.timeout_seconds)
 
 
