@@ -252,3 +252,25 @@ async def test_schedule_rpcs(stub, market):
     with pytest.raises(grpc.aio.AioRpcError) as flagged:
         await create(stub, market.payment(100, flags=PENDING))
     assert flagged.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_malformed_fee_fields_are_rejected_whole(stub, market):
+    bad = [transfer(market.payer, market.merchant, 100, fee_schedule_id=b"\x01" * 5),
+           transfer(market.payer, market.merchant, 1, fee_schedule_version=3),
+           market.payment(100, refund_of=new_id()),
+           market.payment(100, timeout_seconds=5)]
+    for t in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await create(stub, t)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bench_fees_prints_the_kernel_figures():
+    """The benchmark command runs (its end-to-end part is `make bench-fees`)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "engine", "bench-fees", "--no-end-to-end",
+                          "--items", "2000", "--sample", "200"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "three-leg: kernel" in out and "five-leg: kernel" in out and "legs/s" in out
