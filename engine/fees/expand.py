@@ -89,6 +89,8 @@ class _LegTable:
         (slot_accounts, k x LEGS_MAX x 16). A payment's legs leave its debit account (the
         reserve leaves its credit account); a refund's legs return to its credit account."""
         rows, slot = np.nonzero(legs)
+        if not len(rows):
+            return cls.empty()
         item = items[rows]
         debit_of, credit_of = _as_array(cols.debit_ids)[item], _as_array(cols.credit_ids)[item]
         accounts = slot_accounts[rows, slot]
@@ -217,19 +219,20 @@ class FeeExpander:
     async def _expand_fees(self, cols, fee_items, records, precheck, versions):
         # A replay uses the version its first attempt recorded, whatever came later.
         keys = []
+        requested = cols.fee_schedule_versions.tolist()
         for i in fee_items:
             record = records.get(cols.ids[i])
-            version = record["schedule_version"] if record is not None and record["refund_of"] is None \
-                else int(cols.fee_schedule_versions[i])
-            keys.append((cols.fee_schedule_ids[i], version))
+            replay = record is not None and record["refund_of"] is None
+            keys.append((cols.fee_schedule_ids[i], record["schedule_version"] if replay else requested[i]))
         refund_keys = [(r["schedule_id"], r["schedule_version"]) for r in records.values()]
         schedules = await self.schedules(keys + refund_keys)
         runnable, which, plans, plan_row = [], [], [], {}
+        amounts = cols.amount.tolist()
         for i, key in zip(fee_items, keys):
             schedule = schedules.get(key)
             if schedule is None:
                 precheck[i] = c.TRANSFER_FEE_SCHEDULE_NOT_FOUND
-            elif cols.amount[i] > BALANCE_MAX:
+            elif amounts[i] > BALANCE_MAX:
                 precheck[i] = c.TRANSFER_OVERFLOWS_DEBITS  # no balance can take it
             else:
                 versions[i] = schedule.version
@@ -250,6 +253,8 @@ class FeeExpander:
         failed = result != 0
         precheck[items[failed]] = result[failed]
         items, legs, which = items[~failed], legs[~failed], which[~failed]
+        if not len(items):
+            return _LegTable.empty(), schedules, {}
         slot_accounts = np.stack([_slot_accounts(p) for p in plans])[which]
         reserve_timeout = np.array([p.reserve_timeout_seconds for p in plans], np.uint32)[which]
         table = _LegTable.build(cols, items, legs, slot_accounts, reserve_timeout, refund=False)
@@ -341,7 +346,9 @@ def _slot_accounts(schedule: FeeSchedule) -> np.ndarray:
 
 def _records(cols: TransferColumns, table: _LegTable, origin: dict[int, tuple]) -> dict[int, tuple]:
     """fee_transfers rows (without the commit timestamp) of the items of a leg table."""
-    out = {}
+    out: dict[int, tuple] = {}
+    if not len(table.item):
+        return out
     starts = np.flatnonzero(np.concatenate([[True], table.item[1:] != table.item[:-1]]))
     ends = np.concatenate([starts[1:], [len(table.item)]])
     slots, amounts = table.slot.tolist(), table.amount.tolist()
