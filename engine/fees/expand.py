@@ -191,7 +191,11 @@ class FeeExpander:
         fee_items = [i for i in range(n) if cols.fee_schedule_ids[i] != ZERO_ID
                      and cols.refund_of[i] == ZERO_ID and not precheck[i]]
         refund_items = [i for i in range(n) if cols.refund_of[i] != ZERO_ID and not precheck[i]]
-        named = [cols.ids[i] for i in fee_items + refund_items] + [cols.refund_of[i] for i in refund_items]
+        # A payment that pins its schedule version recomputes the same legs on a replay; one
+        # that asks for the latest must find the version its first attempt used.
+        requested = cols.fee_schedule_versions.tolist()
+        named = [cols.ids[i] for i in fee_items if not requested[i]] \
+            + [cols.ids[i] for i in refund_items] + [cols.refund_of[i] for i in refund_items]
         records = {r["id"]: r for r in await self.store.fee_transfers(list(set(named)))} if named else {}
         locks = await self._lock([cols.refund_of[i] for i in refund_items])
         try:

@@ -140,7 +140,8 @@ class PostingEngine:
         """Apply a request; fee transfers and refunds first become their legs (engine/fees)."""
         if transfers.fee_schedule_ids is None:
             return await self._create_transfers(transfers)
-        expansion = await self.fees.expand(transfers)
+        with self.stages.stage("fees"):
+            expansion = await self.fees.expand(transfers)
         try:
             outcome = await self._create_transfers(expansion.columns)
         finally:
