@@ -274,3 +274,25 @@ def test_bench_fees_prints_the_kernel_figures():
                           "--items", "2000", "--sample", "200"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     assert "three-leg: kernel" in out and "five-leg: kernel" in out and "legs/s" in out
+
+
+async def test_the_sdk_sends_fee_transfers_and_refunds_and_returns_their_legs(engine_app, market):
+    from txengine_client import AsyncClient, LegKind, Transfer, TransferResult
+
+    async with AsyncClient(engine_app.address) as client:
+        payment = Transfer(debit_account_id=market.payer, credit_account_id=market.merchant,
+                           amount=10_000, ledger=1, code=1, fee_schedule_id=market.schedule_id)
+        [paid] = await client.create_transfers([payment])
+        assert paid.ok and paid.fee_schedule_version == 1
+        assert [(leg.kind, leg.amount) for leg in paid.legs] == [
+            (LegKind.NET, 9_616), (LegKind.FEE, 256), (LegKind.COMMISSION, 64), (LegKind.TAX, 64),
+            (LegKind.RESERVE, 962)]
+        assert paid.legs[0].id == payment.id
+        [again] = await client.create_transfers([payment])
+        assert again.exists and again.legs == paid.legs
+        refund = Transfer(debit_account_id=market.merchant, credit_account_id=market.payer,
+                          amount=20_000, ledger=1, code=1, refund_of=payment.id)
+        [refused] = await client.create_transfers([refund])
+        assert refused.result is TransferResult.EXCEEDS_REFUNDABLE_AMOUNT
+        [refunded] = await client.create_transfers([refund.replace(amount=10_000, id=new_id())])
+        assert refunded.ok and sum(leg.amount for leg in refunded.legs) == 10_000
