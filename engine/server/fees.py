@@ -26,6 +26,8 @@ def decode_schedule(message: pb.FeeSchedule) -> FeeSchedule:
     if message.version or message.timestamp:
         field = "version" if message.version else "timestamp"
         raise InvalidRequest([Violation(f"schedule.{field}", "is output only; leave it 0")])
+    if message.rounding and message.rounding not in {int(r) for r in Rounding}:
+        raise InvalidRequest([Violation("schedule.rounding", f"unknown FeeRounding {message.rounding}")])
     schedule = FeeSchedule(
         id=_id(message.id),
         fees=tuple(Fee(

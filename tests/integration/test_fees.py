@@ -249,6 +249,10 @@ async def test_schedule_rpcs(stub, market):
         await stub.CreateFeeSchedule(pb.CreateFeeScheduleRequest(schedule=bad))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "fees[0].rate_ppm" in invalid.value.details()
+    unknown = pb.FeeSchedule(id=new_id(), rounding=9)
+    with pytest.raises(grpc.aio.AioRpcError) as rounding:
+        await stub.CreateFeeSchedule(pb.CreateFeeScheduleRequest(schedule=unknown))
+    assert rounding.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError) as flagged:
         await create(stub, market.payment(100, flags=PENDING))
     assert flagged.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -296,3 +300,47 @@ async def test_the_sdk_sends_fee_transfers_and_refunds_and_returns_their_legs(en
         assert refused.result is TransferResult.EXCEEDS_REFUNDABLE_AMOUNT
         [refunded] = await client.create_transfers([refund.replace(amount=10_000, id=new_id())])
         assert refunded.ok and sum(leg.amount for leg in refunded.legs) == 10_000
+
+
+async def test_random_schedules_are_stored_or_rejected_field_by_field(stub, market):
+    """Any FeeSchedule is either stored (and read back the same) or INVALID_ARGUMENT naming a
+    field; never another status."""
+    import random
+
+    rng = random.Random(5)
+    # Mostly valid values, so that both outcomes are common.
+    ids = [market.platform, market.partner, market.tax, market.reserve, b"", b"\x01" * 5]
+    amounts = [0, 0, 1, 30, 2**63 - 1, 2**64 - 1]
+    ppms = [0, 1, 29_000, 200_000, 1_000_000, 1_000_001]
+
+    def fee() -> pb.Fee:
+        return pb.Fee(account_id=rng.choice(ids), rate_ppm=rng.choice(ppms),
+                      fixed_amount=rng.choice(amounts), minimum_amount=rng.choice(amounts),
+                      maximum_amount=rng.choice(amounts),
+                      tiers=[pb.FeeTier(amount_min=rng.choice(amounts), rate_ppm=rng.choice(ppms))
+                             for _ in range(rng.choice([0, 0, 1, 9]))],
+                      commission_account_id=rng.choice(ids), commission_ppm=rng.choice(ppms),
+                      tax_account_id=rng.choice(ids), tax_ppm=rng.choice(ppms))
+
+    stored = rejected = 0
+    for _ in range(150):
+        schedule = pb.FeeSchedule(
+            id=rng.choice([new_id(), new_id(), b"", b"\x02" * 17]),
+            fees=[fee() for _ in range(rng.choice([0, 1, 1, 5]))],
+            splits=[pb.SplitParty(account_id=rng.choice(ids), weight=rng.choice([0, 1, 7]))
+                    for _ in range(rng.choice([0, 0, 3, 9]))],
+            net_weight=rng.choice([0, 1, 3]), reserve_ppm=rng.choice(ppms),
+            reserve_account_id=rng.choice(ids), reserve_timeout_seconds=rng.choice([0, 60]),
+            rounding=rng.choice([0, 1, 2, 3, 4, 5]))
+        try:
+            response = await stub.CreateFeeSchedule(pb.CreateFeeScheduleRequest(schedule=schedule))
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert "schedule." in error.details()
+            rejected += 1
+            continue
+        stored += 1
+        got = await stub.GetFeeSchedule(pb.GetFeeScheduleRequest(id=schedule.id, version=1))
+        assert got.schedule == response.schedule
+        assert list(got.schedule.fees) == list(schedule.fees)
+    assert stored and rejected, (stored, rejected)
