@@ -10,7 +10,7 @@ EXT_STAMP := engine/kernels/.build-stamp
 SDK_STAMP := $(VENV)/.sdk-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench capacity chaos clean
+.PHONY: setup run test lint bench bench-fees capacity chaos clean
 
 setup: $(STAMP) $(GEN_STAMP) $(EXT_STAMP) $(SDK_STAMP)
 
@@ -43,6 +43,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/txengine bench
+
+# Fee kernel legs/s against its Fraction reference; plain vs three-leg fee transfers end to end.
+bench-fees: setup
+	$(BIN)/txengine bench-fees
 
 # Stepped load, knee and sizing model; the report goes to bench-results/capacity/report.md.
 CAPACITY_ARGS ?=

@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> None:
 
     security_bench.add_arguments(bench_security)
     bench_security.set_defaults(run=_quiet(security_bench.main))
+    bench_fees = commands.add_parser(
+        "bench-fees", help="fee kernel legs/s vs its reference; fee vs plain transfers end to end")
+    from engine.fees import bench as bench_fees_module
+
+    bench_fees_module.add_arguments(bench_fees)
+    bench_fees.set_defaults(run=_quiet(bench_fees_module.main))
     capacity = commands.add_parser(
         "capacity", help="stepped load, knee, sizing model and a report (Markdown + PNG)")
     from engine import capacity as capacity_module

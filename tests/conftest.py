@@ -9,6 +9,7 @@ import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
+import redis
 
 from engine.config import Settings
 from engine.gen.txengine.v1 import ledger_pb2_grpc
@@ -56,6 +57,9 @@ def database_url(postgres):
 
 @pytest.fixture
 def settings(database_url, redis_url, tmp_path) -> Settings:
+    # A Redis keyspace belongs to one ledger database (README, Committed-event stream): each
+    # test's new database starts with an empty one.
+    redis.Redis.from_url(redis_url).flushdb()
     return Settings(listen="127.0.0.1:0", database_url=database_url, redis_url=redis_url,
                     data_dir=tmp_path, shards=4, lease_wait_seconds=5)
 

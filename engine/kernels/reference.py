@@ -105,7 +105,7 @@ def apply_transfers_reference(
     for i, decided in enumerate(precheck):
         # A precheck fails its item: OK, EXISTS and the chain states are the kernel's to decide.
         if decided != 0 and (not c.TRANSFER_TIMESTAMP_MUST_BE_ZERO <= decided
-                             <= c.TRANSFER_EXCEEDS_DEBITS or decided == c.TRANSFER_EXISTS):
+                             <= c.TRANSFER_EXCEEDS_REFUNDABLE_AMOUNT or decided == c.TRANSFER_EXISTS):
             raise ValueError(f"precheck[{i}] is out of range")
     for row, state in enumerate(status):
         if not _status_fits_row(state, row < n, flags[row]):

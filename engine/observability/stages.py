@@ -13,7 +13,8 @@ import time
 
 from engine.observability import metrics
 
-STAGES = ("decode", "load_accounts", "load_transfers", "prepare", "kernel", "write", "encode")
+STAGES = ("decode", "fees", "load_accounts", "load_transfers", "prepare", "kernel", "write",
+          "encode")
 
 # Label children resolved once: observing costs a lock and an add, not a label lookup.
 _STAGE_SECONDS = {name: metrics.STAGE_SECONDS.labels(stage=name) for name in STAGES}

@@ -40,6 +40,14 @@ class TransferColumns:
     user_data: list[bytes]
     # Per-item result decided before the balance kernel (0 = none), e.g. TIMESTAMP_MUST_BE_ZERO.
     precheck: np.ndarray  # uint32
+    # Set only when an item names a fee schedule or refunds a fee transfer (engine/fees):
+    # ZERO_ID where it does not.
+    fee_schedule_ids: list[bytes] | None = None
+    fee_schedule_versions: np.ndarray | None = None  # uint32, 0 = the latest
+    refund_of: list[bytes] | None = None
+    # Legs expanded by engine/fees: (index of the first leg, fee_transfers row without its
+    # timestamp), stored when that leg commits.
+    fee_records: list[tuple[int, tuple]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -74,3 +82,6 @@ class Outcome:
 
     results: list[int]
     timestamps: list[int]
+    # Per item, for transfers with a fee schedule or refunds: their legs and schedule version.
+    legs: list[list] | None = None
+    fee_schedule_versions: list[int] | None = None

@@ -20,6 +20,7 @@ import structlog
 
 from engine.config import Settings
 from engine.events.codec import OutboxEvents
+from engine.fees.expand import FeeExpander
 from engine.ids import ZERO_ID, halves
 from engine.kernels import _copy as copy
 from engine.kernels import apply_transfers, shard_of
@@ -78,6 +79,7 @@ class PostingEngine:
         # The last timestamp of the last commit; readers of the event outbox wait on _committed.
         self.committed_timestamp = 0
         self._committed = asyncio.Event()
+        self.fees = FeeExpander(store)
 
     @property
     def shard_count(self) -> int:
@@ -142,6 +144,47 @@ class PostingEngine:
     # -- admission -------------------------------------------------------------------------
 
     async def create_transfers(self, transfers: TransferColumns) -> Outcome:
+        """Apply a request; fee transfers and refunds first become their legs (engine/fees)."""
+        if transfers.fee_schedule_ids is None:
+            return await self._create_transfers(transfers)
+        with self.stages.stage("fees"):
+            expansion = await self.fees.expand(transfers)
+        try:
+            outcome = await self._create_transfers(expansion.columns)
+        finally:
+            expansion.release()
+        return expansion.collapse(outcome)
+
+    async def simulate(self, transfers: TransferColumns) -> tuple[Outcome, list[tuple]]:
+        """A dry run: the results (timestamps 0) and the touched accounts' rows afterwards.
+
+        The same fee expansion and balance kernel run in a scratch engine over the committed
+        state loaded from storage; nothing is queued, cached or written."""
+        expansion = await self.fees.expand(transfers) if transfers.fee_schedule_ids is not None \
+            else None
+        try:
+            columns = expansion.columns if expansion is not None else transfers
+            scratch = PostingEngine(self.store, self.settings)
+            scratch._clock_ns = self._clock_ns
+            scratch._now = max(self.clock(), self._clock_ns + 1)
+            scratch._last_seq = dict(self._last_seq)
+            request = Request(future=asyncio.get_running_loop().create_future(), shard_items={},
+                              transfers=columns)
+            committed = await scratch._load_transfers([request], pending_only=False)
+            await scratch._load_accounts([request], committed)
+            (outcome,) = scratch._apply_transfers([request], committed, _Writes(), remember=False)
+        finally:
+            if expansion is not None:
+                expansion.release()
+        outcome = Outcome(outcome.results, [0] * len(outcome.results))
+        if expansion is not None:
+            outcome = expansion.collapse(outcome)
+        cache = scratch._cache
+        touched = dict.fromkeys(columns.debit_ids + columns.credit_ids)
+        accounts = [cache.row(cache.slot_of[i]) for i in touched if i in cache.slot_of]
+        return outcome, accounts
+
+    async def _create_transfers(self, transfers: TransferColumns) -> Outcome:
         # A transfer takes one item of each shard it touches: one if both accounts share it.
         debit = shards_of(transfers.debit_ids, self.shard_count)
         credit = shards_of(transfers.credit_ids, self.shard_count)
@@ -335,7 +378,9 @@ class PostingEngine:
             else:
                 with stages.stage("prepare"):
                     remember = k != transfer_runs[-1]
-                    outcomes.extend(self._apply_transfers(run, committed, write, remember))
+                    run_outcomes = self._apply_transfers(run, committed, write, remember)
+                    outcomes.extend(run_outcomes)
+                    _record_fees(run, run_outcomes, write)
         if optimistic and write.unverified_ids:
             with stages.stage("load_transfers"):
                 ids = list(set(write.unverified_ids))
@@ -700,6 +745,7 @@ class _Writes:
         self.new_expiries: list[int] = []
         self.requests: list[tuple] = []  # REQUEST_LOG_COLUMNS
         self.events = OutboxEvents()
+        self.fee_records: list[tuple] = []
 
     def touch(self, *slots: int) -> None:
         self.touched.append(np.array(slots, np.int64))
@@ -742,6 +788,7 @@ class _Writes:
             last_timestamp=last_timestamp,
             requests=self.requests,
             outbox=self.events.outbox_row(first_timestamp, last_timestamp),
+            fee_records=self.fee_records,
         )
 
 
@@ -760,6 +807,14 @@ def _stored_range(results: list[int], stamps: list[int], start: int,
 def _balances(cache: AccountCache, slot: int) -> tuple[int, int, int, int]:
     return (int(cache.debits_pending[slot]), int(cache.debits_posted[slot]),
             int(cache.credits_pending[slot]), int(cache.credits_posted[slot]))
+
+
+def _record_fees(run: list[Request], outcomes: list[Outcome], write: _Writes) -> None:
+    """The fee_transfers rows of the fee transfers and refunds of a run that committed."""
+    for request, outcome in zip(run, outcomes):
+        for first_leg, record in request.transfers.fee_records or ():
+            if outcome.results[first_leg] == TransferResult.OK:
+                write.fee_records.append((*record, outcome.timestamps[first_leg]))
 
 
 def _count(shards: np.ndarray) -> dict[int, int]:

@@ -32,7 +32,8 @@ from engine.gen.txengine.v1 import ledger_pb2 as pb
 RPC_NAMES = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["LedgerService"].methods)
 MUTATING_RPCS = frozenset({"CreateAccounts", "CreateTransfers", "StreamTransfers",
                            "CloseAccounts", "ReopenAccounts", "CreateWebhookSubscription",
-                           "DeleteWebhookSubscription", "ReplayWebhookDeliveries"})
+                           "DeleteWebhookSubscription", "ReplayWebhookDeliveries",
+                           "CreateFeeSchedule"})
 
 
 class Limits(BaseModel):

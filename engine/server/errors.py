@@ -44,6 +44,10 @@ class InvalidRequest(Exception):
         self.violations = violations
 
 
+class NotFound(Exception):
+    """A named configuration object (a fee schedule) does not exist."""
+
+
 class Unimplemented(Exception):
     """The RPC or flag is part of the contract but not served by this engine version."""
 
@@ -95,6 +99,8 @@ def classify(error: BaseException) -> tuple[grpc.StatusCode, str, tuple]:
                        "STORAGE_UNAVAILABLE")
     if isinstance(error, CursorExpired):
         return _status(grpc.StatusCode.OUT_OF_RANGE, str(error), "CURSOR_EXPIRED")
+    if isinstance(error, NotFound):
+        return _status(grpc.StatusCode.NOT_FOUND, str(error), "NOT_FOUND")
     if isinstance(error, Unimplemented):
         return _status(grpc.StatusCode.UNIMPLEMENTED, str(error), "UNIMPLEMENTED")
     return _status(grpc.StatusCode.INTERNAL, "internal error; the request may be retried with "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import json
 import time
 import urllib.parse
 import uuid
@@ -24,14 +26,16 @@ from engine.gen.txengine.v1 import ledger_pb2_grpc
 from engine.events.codec import encode_commits
 from engine.events.relay import read_projection
 from engine.events.service import EventParts
+from engine.fees.schedule import FeeSchedule
 from engine.ids import ZERO_ID
 from engine.posting.accounts import NewAccount
 from engine.posting.batch import TransferColumns, shards_of
 from engine.posting.engine import PostingEngine
 from engine.results import TransferResult
 from engine.security.guard import Guard, NotEntitled
-from engine.server.errors import InvalidRequest, Violation, abort, handle_errors
-from engine.storage.store import AccountQuery, Store
+from engine.server import fees
+from engine.server.errors import InvalidRequest, NotFound, Violation, abort, handle_errors
+from engine.storage.store import ACCOUNT_COLUMNS, AccountQuery, Store
 
 INT64_MAX = 2**63 - 1
 FILTER_FLAGS_KNOWN = (pb.ACCOUNT_FILTER_FLAGS_DEBITS | pb.ACCOUNT_FILTER_FLAGS_CREDITS
@@ -97,6 +101,9 @@ def decode_transfers(transfers) -> TransferColumns:
         precheck=np.array([TransferResult.TIMESTAMP_MUST_BE_ZERO if t.timestamp else 0
                            for t in transfers], np.uint32),
     )
+    # Transfers without fees (nearly all) keep the columns above and nothing else.
+    if any(t.fee_schedule_id or t.refund_of or t.fee_schedule_version for t in transfers):
+        fees.decode_fee_fields(transfers, columns, violations)
     if violations:
         raise InvalidRequest(violations)
     return columns
@@ -214,8 +221,22 @@ def transfer_message(row) -> pb.Transfer:
 
 
 def _transfer_results(outcome) -> list[pb.CreateTransferResult]:
-    return [pb.CreateTransferResult(index=i, result=r, timestamp=t)
-            for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))]
+    if outcome.legs is None:
+        return [pb.CreateTransferResult(index=i, result=r, timestamp=t)
+                for i, (r, t) in enumerate(zip(outcome.results, outcome.timestamps))]
+    return [pb.CreateTransferResult(index=i, result=r, timestamp=t,
+                                    legs=[fees.leg_message(leg) for leg in legs],
+                                    fee_schedule_version=version)
+            for i, (r, t, legs, version) in enumerate(zip(
+                outcome.results, outcome.timestamps, outcome.legs, outcome.fee_schedule_versions))]
+
+
+def _schedule_id(value: bytes, field: str, required: bool) -> bytes | None:
+    if not value and not required:
+        return None
+    if len(value) != limits.ID_BYTES or value == ZERO_ID:
+        raise InvalidRequest([Violation(field, "must be a non-zero 16-byte id")])
+    return value
 
 
 class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
@@ -412,6 +433,48 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                               credits_posted=r["credits_posted"])
             for r in rows
         ])
+
+    @handle_errors
+    async def CreateFeeSchedule(self, request, context):
+        schedule = fees.decode_schedule(request.schedule)
+        timestamp = time.time_ns()
+        version = await self.store.create_fee_schedule(
+            schedule.id, json.dumps(schedule.to_json()), timestamp)
+        schedule = dataclasses.replace(schedule, version=version, timestamp=timestamp)
+        return pb.CreateFeeScheduleResponse(schedule=fees.schedule_message(schedule))
+
+    @handle_errors
+    async def GetFeeSchedule(self, request, context):
+        key = (_schedule_id(request.id, "id", required=True), request.version)
+        found = (await self.engine.fees.schedules([key])).get(key)
+        if found is None:
+            raise NotFound(f"no fee schedule {request.id.hex()} version {request.version or 'latest'}")
+        return pb.GetFeeScheduleResponse(schedule=fees.schedule_message(found))
+
+    @handle_errors
+    async def ListFeeSchedules(self, request, context):
+        schedule_id = _schedule_id(request.id, "id", required=False)
+        if not 1 <= request.limit <= limits.BATCH_ITEMS_MAX:
+            raise InvalidRequest([Violation("limit", f"must be 1..{limits.BATCH_ITEMS_MAX}, got {request.limit}")])
+        rows = await self.store.list_fee_schedules(schedule_id, request.limit)
+        return pb.ListFeeSchedulesResponse(schedules=[
+            fees.schedule_message(FeeSchedule.from_json(r["id"], r["version"], r["timestamp"],
+                                                        json.loads(r["definition"])))
+            for r in rows])
+
+    @handle_errors
+    async def Simulate(self, request, context):
+        columns = decode_transfers(request.transfers)
+        if not len(columns):
+            return pb.SimulateResponse()
+        if self.guard is not None:  # entitled as a write would be; shows only visible accounts
+            await self.guard.check_transfers(columns)
+        outcome, accounts = await self.engine.simulate(columns)
+        rows = [dict(zip(ACCOUNT_COLUMNS, row)) for row in accounts]
+        if self.guard is not None:
+            rows = await self.guard.visible_accounts(rows)
+        return pb.SimulateResponse(results=_transfer_results(outcome),
+                                   accounts=[account_message(r) for r in rows])
 
     async def StreamTransfers(self, request_iterator, context):
         """Pipelined CreateTransfers: up to STREAM_IN_FLIGHT_MAX requests of the stream commit

@@ -15,6 +15,7 @@ import asyncpg
 from engine.storage.migrate import migrate
 
 LEASE_LOCK_CLASS = 0x7478_6C73  # "txls": advisory lock class of shard leases
+FEE_SCHEDULE_LOCK_CLASS = 0x7478_6673  # "txfs": advisory lock class of fee schedule versions
 
 ACCOUNT_COLUMNS = (
     "shard", "id", "ledger", "code", "flags", "debits_pending", "debits_posted",
@@ -31,6 +32,8 @@ TRANSFER_COLUMNS = ("shard", *TRANSFER_STATE, "seq_shard", "seq")
 ACCOUNT_FIELDS = ACCOUNT_COLUMNS[1:]
 # One row per committed request that stored transfers: its timestamps and correlation id.
 REQUEST_LOG_COLUMNS = ("timestamp_min", "timestamp_max", "correlation_id")
+FEE_TRANSFER_COLUMNS = ("id", "schedule_id", "schedule_version", "refund_of", "debit_account_id",
+                        "credit_account_id", "ledger", "amount", "slots", "amounts", "timestamp")
 BALANCE_COLUMNS = ("shard", "account_id", "timestamp", "debits_pending", "debits_posted",
                    "credits_pending", "credits_posted")
 
@@ -91,6 +94,7 @@ class BatchWrite:
     last_timestamp: int
     requests: list[tuple] = dataclasses.field(default_factory=list)  # REQUEST_LOG_COLUMNS
     outbox: OutboxRow | None = None  # None when the commit changed nothing
+    fee_records: list[tuple] = dataclasses.field(default_factory=list)  # FEE_TRANSFER_COLUMNS
 
 
 @dataclasses.dataclass
@@ -340,6 +344,10 @@ class Store:
                        VALUES ($1, $2, $3, $4, $5)""",
                     *dataclasses.astuple(batch.outbox),
                 )
+            if batch.fee_records:
+                await conn.copy_records_to_table(
+                    "fee_transfers", records=batch.fee_records, columns=FEE_TRANSFER_COLUMNS
+                )
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -398,6 +406,62 @@ class Store:
                 ORDER BY "timestamp" {order} LIMIT $5""",
             shard, query.account_id, query.timestamp_min, query.timestamp_max, query.limit,
         )
+
+    # -- fee schedules -----------------------------------------------------------------------
+
+    async def create_fee_schedule(self, schedule_id: bytes, definition: str, timestamp: int) -> int:
+        """Store the next version of a schedule and return its number."""
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            # Concurrent creates of one id take turns, so versions are gap-free.
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                               FEE_SCHEDULE_LOCK_CLASS, schedule_id.hex())
+            return await conn.fetchval(
+                """INSERT INTO fee_schedules (id, version, definition, "timestamp")
+                   SELECT $1, coalesce(max(version), 0) + 1, $2::jsonb, $3
+                   FROM fee_schedules WHERE id = $1
+                   RETURNING version""",
+                schedule_id, definition, timestamp,
+            )
+
+    async def fee_schedules(self, keys: list[tuple[bytes, int]]) -> list[asyncpg.Record]:
+        """The schedules named by (id, version) pairs; version 0 means the latest."""
+        assert self._pool is not None
+        return await self._pool.fetch(
+            """SELECT DISTINCT ON (k.id, k.version) k.id AS key_id, k.version AS key_version,
+                      s.id, s.version, s.definition::text AS definition, s."timestamp"
+               FROM unnest($1::uuid[], $2::int[]) AS k(id, version)
+               JOIN fee_schedules s ON s.id = k.id AND (k.version = 0 OR s.version = k.version)
+               ORDER BY k.id, k.version, s.version DESC""",
+            [k[0] for k in keys], [k[1] for k in keys],
+        )
+
+    async def list_fee_schedules(self, schedule_id: bytes | None, limit: int) -> list[asyncpg.Record]:
+        """Every version of one schedule, or the latest version of each, in id order."""
+        assert self._pool is not None
+        if schedule_id is not None:
+            return await self._pool.fetch(
+                """SELECT id, version, definition::text AS definition, "timestamp"
+                   FROM fee_schedules WHERE id = $1 ORDER BY version LIMIT $2""",
+                schedule_id, limit)
+        return await self._pool.fetch(
+            """SELECT DISTINCT ON (id) id, version, definition::text AS definition, "timestamp"
+               FROM fee_schedules ORDER BY id, version DESC LIMIT $1""", limit)
+
+    async def fee_transfers(self, ids: list[bytes]) -> list[asyncpg.Record]:
+        """Committed fee transfers and refunds by id."""
+        assert self._pool is not None
+        return await self._pool.fetch(
+            f"SELECT {', '.join(FEE_TRANSFER_COLUMNS)} FROM fee_transfers WHERE id = ANY($1::uuid[])",
+            ids)
+
+    async def refunds_of(self, original_ids: list[bytes]) -> list[asyncpg.Record]:
+        """Committed refunds of these fee transfers."""
+        assert self._pool is not None
+        return await self._pool.fetch(
+            f"""SELECT {', '.join(FEE_TRANSFER_COLUMNS)} FROM fee_transfers
+                WHERE refund_of = ANY($1::uuid[]) ORDER BY "timestamp"
+            """, original_ids)
 
     async def ping(self) -> None:
         assert self._pool is not None

@@ -195,6 +195,14 @@ class Env:
         ])
         closed = await self.stub.CloseAccounts(pb.CloseAccountsRequest(ids=[self.closing]))
         assert [r.result for r in closed.results] == [pb.CLOSURE_RESULT_OK]
+        # A fee schedule (10 % + 5 to d) and one fee transfer a->b of 100 under it.
+        self.fee_schedule = new_id()
+        await self.stub.CreateFeeSchedule(pb.CreateFeeScheduleRequest(schedule=pb.FeeSchedule(
+            id=self.fee_schedule, fees=[pb.Fee(account_id=self.d, rate_ppm=100_000,
+                                               fixed_amount=5)])))
+        self.t_fee = transfer(a, b, 100, fee_schedule_id=self.fee_schedule)
+        response = await self.stub.CreateTransfers(pb.CreateTransfersRequest(transfers=[self.t_fee]))
+        assert [tname(r.result) for r in response.results] == ["OK"]
         await self.seed()
 
     async def commit(self, transfers: list[pb.Transfer]) -> None:
@@ -623,6 +631,31 @@ def _(e): return [tr(e.gdr, e.gcr, 101)]
 
 @tcase("EXCEEDS_CREDITS/sees earlier items of the batch", ["OK", "OK", "EXCEEDS_CREDITS"])
 def _(e): return [tr(e.a, e.gz, 10), tr(e.gz, e.b, 10), tr(e.gz, e.b, 1)]
+
+
+@tcase("FEES_EXCEED_AMOUNT/the fee takes it all", ["FEES_EXCEED_AMOUNT", "OK"])
+def _(e): return [tr(e.a, e.b, 5, fee_schedule_id=e.fee_schedule), tr(e.a, e.b, 1)]
+
+
+@tcase("FEE_SCHEDULE_NOT_FOUND/unknown schedule", ["FEE_SCHEDULE_NOT_FOUND"])
+def _(e): return [tr(e.a, e.b, 10, fee_schedule_id=e.unknown)]
+
+
+@tcase("FEE_SCHEDULE_NOT_FOUND/fails its chain",
+       ["LINKED_EVENT_FAILED", "FEE_SCHEDULE_NOT_FOUND"])
+def _(e): return [tr(e.a, e.b, 1, flags=T_LINKED), tr(e.a, e.b, 10, fee_schedule_id=e.unknown)]
+
+
+@tcase("REFUND_ORIGINAL_NOT_FOUND/unknown original", ["REFUND_ORIGINAL_NOT_FOUND"])
+def _(e): return [tr(e.b, e.a, 1, refund_of=e.unknown)]
+
+
+@tcase("REFUND_ORIGINAL_NOT_FOUND/accounts not swapped", ["REFUND_ORIGINAL_NOT_FOUND"])
+def _(e): return [tr(e.a, e.b, 1, refund_of=e.t_fee.id)]
+
+
+@tcase("EXCEEDS_REFUNDABLE_AMOUNT/more than the original", ["EXCEEDS_REFUNDABLE_AMOUNT"])
+def _(e): return [tr(e.b, e.a, 101, refund_of=e.t_fee.id)]
 
 
 @tcase("EXCEEDS_DEBITS/boundary", ["EXCEEDS_DEBITS", "OK", "EXCEEDS_DEBITS"])

@@ -27,7 +27,8 @@ BAD_LENGTHS = (1, 15, 17, 32)
 RPCS = ("CreateAccounts", "CreateTransfers", "LookupAccounts", "LookupTransfers",
         "GetAccountTransfers", "GetAccountBalances", "StreamTransfers", "CloseAccounts",
         "ReopenAccounts", "SubscribeEvents", "CreateWebhookSubscription",
-        "ListWebhookSubscriptions", "DeleteWebhookSubscription", "ReplayWebhookDeliveries")
+        "ListWebhookSubscriptions", "DeleteWebhookSubscription", "ReplayWebhookDeliveries",
+        "CreateFeeSchedule", "GetFeeSchedule", "ListFeeSchedules", "Simulate")
 DEBITS = pb.ACCOUNT_FILTER_FLAGS_DEBITS
 CREDITS = pb.ACCOUNT_FILTER_FLAGS_CREDITS
 REVERSED = pb.ACCOUNT_FILTER_FLAGS_REVERSED
@@ -267,6 +268,7 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
     assert {m.name for m in service.methods} == set(RPCS)
     account_filter = pb.AccountFilter(account_id=a, limit=10, flags=DEBITS | CREDITS)
     hook: list[bytes] = []  # the webhook subscription created below
+    schedule_id = new_id()
     calls = {
         "CreateAccounts": lambda: stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[account()])),
         "CreateTransfers": lambda: stub.CreateTransfers(pb.CreateTransfersRequest(
@@ -289,6 +291,11 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
             pb.ReplayWebhookDeliveriesRequest(subscription_id=hook[0])),
         "DeleteWebhookSubscription": lambda: stub.DeleteWebhookSubscription(
             pb.DeleteWebhookSubscriptionRequest(id=hook[0])),
+        "CreateFeeSchedule": lambda: stub.CreateFeeSchedule(pb.CreateFeeScheduleRequest(
+            schedule=pb.FeeSchedule(id=schedule_id, fees=[pb.Fee(account_id=b, rate_ppm=100)]))),
+        "GetFeeSchedule": lambda: stub.GetFeeSchedule(pb.GetFeeScheduleRequest(id=schedule_id)),
+        "ListFeeSchedules": lambda: stub.ListFeeSchedules(pb.ListFeeSchedulesRequest(limit=1)),
+        "Simulate": lambda: stub.Simulate(pb.SimulateRequest(transfers=[transfer(a, b, 1)])),
     }
     assert set(calls) == set(RPCS)
     for name, call in calls.items():

@@ -782,7 +782,7 @@ BAD_ARGUMENTS = {
     **{f"precheck {value}": _put("precheck", 1, value) for value in (
         results.TRANSFER_OK, results.TRANSFER_LINKED_EVENT_FAILED,
         results.TRANSFER_LINKED_EVENT_CHAIN_OPEN, results.TRANSFER_EXISTS,
-        results.TRANSFER_EXCEEDS_DEBITS + 1)},
+        results.TRANSFER_EXCEEDS_REFUNDABLE_AMOUNT + 1)},
     "status of a batch row": _put("status", 0, PENDING_STATUS_PENDING),
     "status of a committed row that is not pending": _put("status", 3, PENDING_STATUS_PENDING),
     "no status for a committed pending row": _put("status", 4, PENDING_STATUS_NONE),

@@ -28,7 +28,7 @@ def proto_value(proto_name: str) -> int:
 
 
 def test_every_transfer_result_is_covered() -> None:
-    assert len(TRANSFER_RESULT_NAMES) == 54  # UNSPECIFIED and 1..53
+    assert len(TRANSFER_RESULT_NAMES) == 58  # UNSPECIFIED and 1..57
     assert ledger_pb2.TransferResult.Value("TRANSFER_RESULT_OK") == results.TRANSFER_OK == 1
 
 

@@ -44,6 +44,8 @@ from txengine_client.types import (
     CreateAccountResult,
     CreateResult,
     CreateTransferResult,
+    Leg,
+    LegKind,
     Transfer,
     TransferFlags,
     TransferResult,
@@ -54,9 +56,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BATCH_ITEMS_MAX", "ZERO_ID", "Account", "AccountBalance", "AccountFilter",
     "AccountFilterFlags", "AccountFlags", "AccountResult", "AsyncClient", "Cancelled", "Client",
-    "ClientOptions", "ClosureOutcome", "ClosureResult", "CreateAccountResult", "CreateResult", "CreateTransferResult",
-    "DeadlineExceeded", "FailedPrecondition", "FieldViolation", "IdLike", "Internal",
-    "InvalidArgument", "NotFound", "PermissionDenied", "ResourceExhausted", "RetryPolicy",
-    "Transfer", "TransferFlags", "TransferResult", "TxengineError", "Unauthenticated",
-    "Unavailable", "Unimplemented", "as_id", "new_id",
+    "ClientOptions", "ClosureOutcome", "ClosureResult", "CreateAccountResult", "CreateResult",
+    "CreateTransferResult", "DeadlineExceeded", "FailedPrecondition", "FieldViolation", "IdLike",
+    "Internal", "InvalidArgument", "Leg", "LegKind", "NotFound", "PermissionDenied",
+    "ResourceExhausted", "RetryPolicy", "Transfer", "TransferFlags", "TransferResult",
+    "TxengineError", "Unauthenticated", "Unavailable", "Unimplemented", "as_id", "new_id",
 ]

@@ -12,6 +12,8 @@ from txengine_client.types import (
     AccountFlags,
     AccountResult,
     CreateResult,
+    Leg,
+    LegKind,
     Transfer,
     TransferFlags,
     TransferResult,
@@ -35,6 +37,9 @@ def transfer_message(transfer: Transfer) -> pb.Transfer:
         pending_id=b"" if pending_id is None else pending_id.bytes, ledger=transfer.ledger,
         code=transfer.code, flags=int(transfer.flags), timeout_seconds=transfer.timeout_seconds,
         user_data=transfer.user_data, timestamp=transfer.timestamp,
+        fee_schedule_id=b"" if transfer.fee_schedule_id is None else transfer.fee_schedule_id.bytes,
+        fee_schedule_version=transfer.fee_schedule_version,
+        refund_of=b"" if transfer.refund_of is None else transfer.refund_of.bytes,
     )
 
 
@@ -80,8 +85,18 @@ def account_results(results) -> list[CreateResult[AccountResult]]:
     return [CreateResult(r.index, _enum(AccountResult, r.result), r.timestamp) for r in results]
 
 
+def leg_from(message: pb.Leg) -> Leg:
+    return Leg(id=from_wire(message.id), debit_account_id=from_wire(message.debit_account_id),
+               credit_account_id=from_wire(message.credit_account_id), amount=message.amount,
+               kind=_enum(LegKind, message.kind), slot=message.slot,
+               flags=TransferFlags(message.flags), timeout_seconds=message.timeout_seconds)
+
+
 def transfer_results(results) -> list[CreateResult[TransferResult]]:
-    return [CreateResult(r.index, _enum(TransferResult, r.result), r.timestamp) for r in results]
+    return [CreateResult(r.index, _enum(TransferResult, r.result), r.timestamp,
+                         tuple(leg_from(leg) for leg in r.legs), r.fee_schedule_version)
+            if r.legs else CreateResult(r.index, _enum(TransferResult, r.result), r.timestamp)
+            for r in results]
 
 
 def create_accounts_request(accounts: Iterable[Account]) -> pb.CreateAccountsRequest:

@@ -121,6 +121,10 @@ class TransferResult(enum.IntEnum):
     OVERFLOWS_TIMEOUT = 51
     EXCEEDS_CREDITS = 52
     EXCEEDS_DEBITS = 53
+    FEES_EXCEED_AMOUNT = 54
+    FEE_SCHEDULE_NOT_FOUND = 55
+    REFUND_ORIGINAL_NOT_FOUND = 56
+    EXCEEDS_REFUNDABLE_AMOUNT = 57
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -161,13 +165,19 @@ class Transfer:
     timeout_seconds: int = 0
     user_data: bytes = b""
     timestamp: int = 0
+    # Fee transfers: the schedule that splits `amount` into legs (version 0 = the latest), or
+    # the fee transfer this one refunds. Neither is stored on the legs LookupTransfers returns.
+    fee_schedule_id: uuid.UUID | None = None
+    fee_schedule_version: int = 0
+    refund_of: uuid.UUID | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "id", as_id(self.id))
         object.__setattr__(self, "debit_account_id", as_id(self.debit_account_id))
         object.__setattr__(self, "credit_account_id", as_id(self.credit_account_id))
-        if self.pending_id is not None:
-            object.__setattr__(self, "pending_id", as_id(self.pending_id))
+        for name in ("pending_id", "fee_schedule_id", "refund_of"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, as_id(getattr(self, name)))
         object.__setattr__(self, "flags", TransferFlags(self.flags))
 
     def replace(self, **changes) -> Transfer:
@@ -234,6 +244,32 @@ class ClosureResult(enum.IntEnum):
     ACCOUNT_NOT_FOUND = 3
 
 
+class LegKind(enum.IntEnum):
+    """What a leg of a fee transfer or refund carries (enum LegKind of the proto)."""
+
+    UNSPECIFIED = 0
+    NET = 1
+    SPLIT = 2
+    FEE = 3
+    COMMISSION = 4
+    TAX = 5
+    RESERVE = 6
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Leg:
+    """One transfer of the linked chain a fee transfer or refund became."""
+
+    id: uuid.UUID
+    debit_account_id: uuid.UUID
+    credit_account_id: uuid.UUID
+    amount: int
+    kind: LegKind
+    slot: int
+    flags: TransferFlags
+    timeout_seconds: int
+
+
 R = TypeVar("R", AccountResult, TransferResult, ClosureResult)
 
 
@@ -249,6 +285,9 @@ class CreateResult(Generic[R]):
     index: int
     result: R
     timestamp: int
+    # Transfers with a fee schedule, and refunds: their legs and the schedule version used.
+    legs: tuple[Leg, ...] = ()
+    fee_schedule_version: int = 0
 
     @property
     def ok(self) -> bool:
