@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import redis.asyncio as aioredis
+import structlog
 
 from engine.config import Settings
 from engine.events.relay import OutboxTrimmer, RedisRelay
@@ -13,7 +13,10 @@ from engine.posting.engine import PostingEngine
 from engine.storage.outbox import EventStore
 from engine.storage.store import Store
 
+log = structlog.get_logger("engine.events")
+
 STOP_RELEASE_SECONDS_MAX = 1.0
+STOP_TASKS_SECONDS_MAX = 5.0
 
 
 class EventParts:
@@ -43,9 +46,11 @@ class EventParts:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded, so a consumer that failed to stop cannot hold up the shutdown.
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TASKS_SECONDS_MAX)
+            for task in stuck:
+                log.error("event task did not stop", task=task.get_name())
         self._tasks = []
         # A cancelled query hands its connection back in a task of its own; let those finish
         # before the store closes the pool under them.

@@ -137,9 +137,11 @@ class WebhookDispatcher:
                     wait = await self.events.next_delivery_seconds()
                     self._due.clear()
                     try:
-                        await asyncio.wait_for(self._due.wait(),
-                                               min(wait if wait is not None else IDLE_POLL_SECONDS,
-                                                   IDLE_POLL_SECONDS))
+                        # asyncio.timeout: wait_for (3.11) can lose the cancellation of stop().
+                        async with asyncio.timeout(min(
+                                wait if wait is not None else IDLE_POLL_SECONDS,
+                                IDLE_POLL_SECONDS)):
+                            await self._due.wait()
                     except TimeoutError:
                         pass
                 except asyncio.CancelledError:

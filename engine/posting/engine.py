@@ -236,7 +236,10 @@ class PostingEngine:
             if left <= 0:
                 return False
             try:
-                await asyncio.wait_for(self._committed.wait(), left)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation
+                # that arrives as the wait ends, and a stopping task would then never stop.
+                async with asyncio.timeout(left):
+                    await self._committed.wait()
             except TimeoutError:
                 return False
         return True
@@ -248,7 +251,8 @@ class PostingEngine:
     async def _run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), self._idle_seconds())
+                async with asyncio.timeout(self._idle_seconds()):  # see wait_for_commit
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
             self._wakeup.clear()
