@@ -3,6 +3,7 @@ the Redis streams and balance projection, and eventually consistent lookups."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -114,6 +115,10 @@ async def test_redis_streams_and_projection(stub, engine_app):
             published.extend(batch.events)
     published.sort(key=lambda e: (e.cursor.commit_timestamp, e.cursor.index))
     assert published == events
+    relay = engine_app.events.relay
+    assert relay.commits_published >= 5
+    while relay.lag_seconds(time.time_ns()) != 0:  # caught up: no commit left to publish
+        await asyncio.sleep(0.01)
     ids = [a.id for a in made["accounts"]]
     strong = await stub.LookupAccounts(pb.LookupAccountsRequest(ids=ids))
     eventual = await stub.LookupAccounts(pb.LookupAccountsRequest(
@@ -145,8 +150,6 @@ async def test_bad_subscription_requests_are_rejected(stub):
 
 
 async def test_expiry_and_reopen_events(engine_app, stub):
-    import time
-
     a, b = account(), account()
     await stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[a, b]))
     hold = transfer(a.id, b.id, 40, flags=PENDING, timeout_seconds=60)
