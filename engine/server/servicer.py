@@ -266,14 +266,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             violations.append(Violation("min_version", "versions are not negative"))
         if violations:
             raise InvalidRequest(violations)
-        if request.consistency == pb.CONSISTENCY_EVENTUAL and ids:
+        eventual = request.consistency == pb.CONSISTENCY_EVENTUAL
+        if eventual and ids:
             response = await self._lookup_projection(ids, request.min_version)
             if response is not None:
                 return response
         version = self.engine.committed_timestamp
         rows = await self.store.lookup_accounts(shards, ids) if ids else []
         return pb.LookupAccountsResponse(accounts=[account_message(r) for r in rows],
-                                         version=version)
+                                         version=version if eventual else 0)
 
     async def _lookup_projection(self, ids: list[bytes],
                                  min_version: int) -> pb.LookupAccountsResponse | None:

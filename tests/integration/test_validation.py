@@ -26,7 +26,8 @@ TRANSFER_ID_FIELDS = ("id", "debit_account_id", "credit_account_id", "pending_id
 BAD_LENGTHS = (1, 15, 17, 32)
 RPCS = ("CreateAccounts", "CreateTransfers", "LookupAccounts", "LookupTransfers",
         "GetAccountTransfers", "GetAccountBalances", "StreamTransfers", "CloseAccounts",
-        "ReopenAccounts")
+        "ReopenAccounts", "SubscribeEvents", "CreateWebhookSubscription",
+        "ListWebhookSubscriptions", "DeleteWebhookSubscription", "ReplayWebhookDeliveries")
 DEBITS = pb.ACCOUNT_FILTER_FLAGS_DEBITS
 CREDITS = pb.ACCOUNT_FILTER_FLAGS_CREDITS
 REVERSED = pb.ACCOUNT_FILTER_FLAGS_REVERSED
@@ -279,10 +280,27 @@ async def test_every_rpc_of_the_contract_is_served(stub, funded):
             transfers=[transfer(a, b, 1)])]),
         "CloseAccounts": lambda: stub.CloseAccounts(pb.CloseAccountsRequest(ids=[new_id()])),
         "ReopenAccounts": lambda: stub.ReopenAccounts(pb.ReopenAccountsRequest(ids=[new_id()])),
+        "SubscribeEvents": lambda: _first_response(stub.SubscribeEvents(
+            pb.SubscribeEventsRequest())),
+        "CreateWebhookSubscription": lambda: stub.CreateWebhookSubscription(
+            pb.CreateWebhookSubscriptionRequest(url="http://127.0.0.1:9/hook", secret=b"s" * 16)),
+        "ListWebhookSubscriptions": lambda: stub.ListWebhookSubscriptions(
+            pb.ListWebhookSubscriptionsRequest()),
+        "DeleteWebhookSubscription": lambda: stub.DeleteWebhookSubscription(
+            pb.DeleteWebhookSubscriptionRequest(id=new_id())),
+        "ReplayWebhookDeliveries": lambda: stub.ReplayWebhookDeliveries(
+            pb.ReplayWebhookDeliveriesRequest(subscription_id=new_id())),
     }
     assert set(calls) == set(RPCS)
     for name, call in calls.items():
         await call()  # raises AioRpcError on any non-OK status
+
+
+async def _first_response(call):
+    """The first message of a server stream (the funded accounts' events), then cancel."""
+    async for response in call:
+        call.cancel()
+        return response
 
 
 @pytest.mark.parametrize("flags", [
