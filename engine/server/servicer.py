@@ -21,7 +21,7 @@ import numpy as np
 from engine import limits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.gen.txengine.v1 import ledger_pb2_grpc
-from engine.events.codec import encode_commits
+from engine.events.codec import EVENT_WIRE_BYTES_MAX, encode_commits
 from engine.events.relay import read_projection
 from engine.events.service import EventParts
 from engine.ids import ZERO_ID
@@ -46,6 +46,8 @@ SUBSCRIBE_COMMITS_PER_READ = 16
 SUBSCRIBE_TRANSFERS_PER_READ = 8_190
 SUBSCRIBE_IDLE_SECONDS = 1.0
 PROJECTION_TIMEOUT_SECONDS = 0.5
+assert limits.BATCH_ITEMS_MAX * EVENT_WIRE_BYTES_MAX < limits.GRPC_MESSAGE_BYTES_MAX, \
+    "a SubscribeEventsResponse of BATCH_ITEMS_MAX events must fit a gRPC message"
 
 
 
@@ -317,8 +319,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                             if (e.cursor.commit_timestamp, e.cursor.index) > after
                             and (not types or e.type in types)]
                     response = pb.SubscribeEventsResponse(events=kept)
-                if response.events:
-                    yield response
+                events = response.events
+                for start in range(0, len(events), limits.BATCH_ITEMS_MAX):
+                    yield (response if len(events) <= limits.BATCH_ITEMS_MAX else
+                           pb.SubscribeEventsResponse(
+                               events=events[start:start + limits.BATCH_ITEMS_MAX]))
 
     @handle_errors
     async def CreateWebhookSubscription(self, request, context):

@@ -188,3 +188,23 @@ async def test_trimmed_cursor_is_out_of_range(stub, engine_app):
         assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert await collect(stub, 7, after=events[3].cursor) == events[4:]
     assert (await collect(stub, 1))[0] == events[3]  # no cursor: the oldest retained event
+
+
+async def test_a_commit_larger_than_a_response_spans_several(stub):
+    accounts = [account() for _ in range(20)]
+    await stub.CreateAccounts(pb.CreateAccountsRequest(accounts=accounts))
+    ids = [a.id for a in accounts]
+    requests = [pb.CreateTransfersRequest(transfers=[
+        transfer(ids[k % 20], ids[(k + 1) % 20], 1, user_data=b"u" * 16) for k in range(8_190)])
+        for _ in range(3)]
+    # Three requests sent at once are usually committed together (up to 32,768 transfers).
+    await asyncio.gather(*(stub.CreateTransfers(r) for r in requests))
+    call = stub.SubscribeEvents(pb.SubscribeEventsRequest(types=[T.EVENT_TYPE_TRANSFER_COMMITTED]))
+    sizes, seen = [], 0
+    async for response in call:
+        sizes.append(len(response.events))
+        seen += len(response.events)
+        if seen >= 3 * 8_190:
+            call.cancel()
+            break
+    assert seen == 3 * 8_190 and max(sizes) <= 8_190
