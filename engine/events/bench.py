@@ -18,6 +18,7 @@ import contextlib
 import os
 import pathlib
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,6 +207,8 @@ async def run(args: argparse.Namespace) -> dict:
         await consumer.redis.aclose()
         await app.stop(0)
         redis_server.close()
+        await asyncio.to_thread(postgres._server.cleanup)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _lags(reads: list[tuple[int, np.ndarray]],

@@ -19,6 +19,9 @@ from engine.ids import ZERO_ID
 from engine.storage.store import TRANSFER_FIELDS, OutboxRow
 
 BALANCE_WORDS = 8  # debit account dp, dpo, cp, cpo, then the credit account's
+# Largest wire size of one transfer event as an EventBatch element: cursor 19, type 2, shard 6,
+# seq 11, timestamp 11, transfer 139 (with 16 bytes of user_data), two balances 114, framing 3.
+EVENT_WIRE_BYTES_MAX = 320
 BALANCE_DTYPE = np.dtype("<u8")
 
 

@@ -99,6 +99,11 @@ class RedisRelay:
         self._script = redis.register_script(PUBLISH_SCRIPT)
         self.published = 0  # the last commit known to be in Redis
         self.commits_published = 0
+        self.oldest_unpublished = 0  # commit_timestamp of the next commit to publish; 0: none
+
+    def lag_seconds(self, now_ns: int) -> float:
+        """Age of the oldest commit not yet in Redis (0 when the relay has caught up)."""
+        return max(0.0, (now_ns - self.oldest_unpublished) / 1e9) if self.oldest_unpublished else 0.0
 
     async def run(self) -> None:
         failures = 0
@@ -123,7 +128,10 @@ class RedisRelay:
         """Publish the next commits of the outbox; False when there was none."""
         rows, columns = await self.events.commits_after(self.published, COMMITS_PER_READ_MAX,
                                                         TRANSFERS_PER_READ_MAX)
+        if not rows:
+            self.oldest_unpublished = 0
         for commit in encode_commits(rows, columns):
+            self.oldest_unpublished = commit.commit_timestamp
             await self._script(keys=[PUBLISHED_KEY], args=publish_args(
                 commit, self.settings.events_stream_maxlen))
             self.published = commit.commit_timestamp

@@ -231,6 +231,9 @@ class EngineCollector(Collector):
             return
         yield from _engine_families(app.engine, app.settings)
         yield from _pool_families(app.store)
+        events = getattr(app, "events", None)
+        if events is not None:
+            yield from _event_families(events)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -278,6 +281,15 @@ def _engine_families(engine, settings) -> Iterable[GaugeMetricFamily]:
     if cache is not None:
         yield _gauge("txengine_account_cache_accounts",
                      "Accounts held in the engine's memory.", cache.size)
+
+
+def _event_families(events) -> Iterable:
+    yield _gauge("txengine_outbox_lag_seconds",
+                 "Age of the oldest committed change not yet published to Redis (0 when the "
+                 "relay has caught up).", events.relay.lag_seconds(time.time_ns()))
+    yield CounterMetricFamily("txengine_events_published_commits",
+                              "Commits published to the Redis event streams by this process.",
+                              value=events.relay.commits_published)
 
 
 def _queue_head_age_seconds(engine) -> float | None:

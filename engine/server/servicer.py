@@ -23,7 +23,7 @@ import numpy as np
 from engine import limits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.gen.txengine.v1 import ledger_pb2_grpc
-from engine.events.codec import encode_commits
+from engine.events.codec import EVENT_WIRE_BYTES_MAX, encode_commits
 from engine.events.relay import read_projection
 from engine.events.service import EventParts
 from engine.fees.schedule import FeeSchedule
@@ -51,6 +51,8 @@ SUBSCRIBE_COMMITS_PER_READ = 16
 SUBSCRIBE_TRANSFERS_PER_READ = 8_190
 SUBSCRIBE_IDLE_SECONDS = 1.0
 PROJECTION_TIMEOUT_SECONDS = 0.5
+assert limits.BATCH_ITEMS_MAX * EVENT_WIRE_BYTES_MAX < limits.GRPC_MESSAGE_BYTES_MAX, \
+    "a SubscribeEventsResponse of BATCH_ITEMS_MAX events must fit a gRPC message"
 
 
 
@@ -303,7 +305,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             violations.append(Violation("min_version", "versions are not negative"))
         if violations:
             raise InvalidRequest(violations)
-        if request.consistency == pb.CONSISTENCY_EVENTUAL and ids:
+        eventual = request.consistency == pb.CONSISTENCY_EVENTUAL
+        if eventual and ids:
             response = await self._lookup_projection(ids, request.min_version)
             if response is not None:
                 return response
@@ -312,7 +315,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if self.guard is not None:
             rows = await self.guard.visible_accounts(rows)
         return pb.LookupAccountsResponse(accounts=[account_message(r) for r in rows],
-                                         version=version)
+                                         version=version if eventual else 0)
 
     async def _lookup_projection(self, ids: list[bytes],
                                  min_version: int) -> pb.LookupAccountsResponse | None:
@@ -359,8 +362,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                             and (not types or e.type in types)
                             and (ledgers is None or _event_ledger(e) in ledgers)]
                     response = pb.SubscribeEventsResponse(events=kept)
-                if response.events:
-                    yield response
+                events = response.events
+                for start in range(0, len(events), limits.BATCH_ITEMS_MAX):
+                    yield (response if len(events) <= limits.BATCH_ITEMS_MAX else
+                           pb.SubscribeEventsResponse(
+                               events=events[start:start + limits.BATCH_ITEMS_MAX]))
 
     def _webhooks_entitled(self, rpc: str) -> None:
         """Webhooks deliver every event of every ledger: only an unrestricted principal

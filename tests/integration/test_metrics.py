@@ -22,7 +22,7 @@ from engine.gen.txengine.v1 import ledger_pb2_grpc
 from engine.observability import metrics
 from engine.results import TransferResult
 from engine.server import app as app_module
-from engine.server.interceptors import CORRELATION_ID_KEY
+from engine.server.interceptors import CORRELATION_ID_KEY, grpc_type
 from tests.harness import account, transfer
 
 SERVICE = "txengine.v1.LedgerService"
@@ -128,10 +128,7 @@ async def test_rpcs_move_the_grpc_series(served, channel):
 async def test_every_ledger_method_is_there_before_its_first_call(served):
     samples = await scrape(served.metrics.address)
     for method in pb.DESCRIPTOR.services_by_name["LedgerService"].methods:
-        kind = {(False, False): "unary", (True, False): "client_stream",
-                (False, True): "server_stream", (True, True): "bidi_stream"}[
-            (method.client_streaming, method.server_streaming)]
-        labels = rpc(method.name, kind)
+        labels = rpc(method.name, grpc_type(method.client_streaming, method.server_streaming))
         assert ("grpc_server_started_total", frozenset(labels.items())) in samples
         assert ("grpc_server_handled_total",
                 frozenset({**labels, "grpc_code": "Unavailable"}.items())) in samples
