@@ -486,19 +486,24 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         """Pipelined CreateTransfers: up to STREAM_IN_FLIGHT_MAX requests of the stream commit
         at once; responses come back in request order. A malformed request ends the stream
         with its status (earlier requests keep their results)."""
-        in_flight: asyncio.Queue = asyncio.Queue(STREAM_IN_FLIGHT_MAX)
+        in_flight: asyncio.Queue = asyncio.Queue()
+        # A request enters the engine only while fewer than STREAM_IN_FLIGHT_MAX of the stream
+        # are unanswered; a slot is freed once its response has been taken by the transport.
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT_MAX)
 
         async def submit() -> None:
             try:
                 async for request in request_iterator:
                     columns = decode_transfers(request.transfers)
                     await self._admit_transfers(columns)
-                    await in_flight.put(asyncio.ensure_future(self.engine.create_transfers(columns)))
-                await in_flight.put(None)
+                    await slots.acquire()
+                    in_flight.put_nowait(asyncio.ensure_future(
+                        self.engine.create_transfers(columns)))
+                in_flight.put_nowait(None)
             except Exception as error:  # surfaced in request order by the writer below
                 failed = asyncio.get_running_loop().create_future()
                 failed.set_exception(error)
-                await in_flight.put(failed)
+                in_flight.put_nowait(failed)
 
         reader = asyncio.create_task(submit())
         try:
@@ -508,6 +513,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 except Exception as error:  # noqa: BLE001 - the boundary, as in handle_errors
                     await abort(context, error)
                 yield pb.StreamTransfersResponse(results=_transfer_results(outcome))
+                slots.release()
         finally:
             reader.cancel()
             while not in_flight.empty():
