@@ -6,6 +6,9 @@ Redis layout (all keys under ``txengine:``):
   shard, with the explicit id ``<commit_timestamp>-0`` and the fields ``events`` (a serialized
   EventBatch: the commit's events of that shard, in order) and ``count``.
 * ``txengine:events:published``: the commit_timestamp of the last commit published.
+* ``txengine:events:ledger``: the ledger database these keys belong to (its
+  ``ledger_instance``). The relay claims an empty Redis for its database and refuses one that
+  another holds: its published mark would make the relay skip this database's commits.
 * ``txengine:account:<id hex>``: a hash per account, the projection. Field ``state``: 40 bytes,
   big-endian: version (int64, the timestamp of the account's last change), debits_pending,
   debits_posted, credits_pending, credits_posted (uint64). Field ``account``: 20 + n bytes,
@@ -36,6 +39,7 @@ log = structlog.get_logger("engine.events")
 
 STREAM_KEY = "txengine:events:{shard}"
 PUBLISHED_KEY = "txengine:events:published"
+LEDGER_KEY = "txengine:events:ledger"
 ACCOUNT_KEY = "txengine:account:{hex}"
 STATE = struct.Struct(">qQQQQ")
 ID_HEX_CHARS = 32
@@ -87,6 +91,10 @@ def publish_args(commit: EncodedCommit, maxlen: int) -> list:
     return [*args, commit.states, *commit.accounts]
 
 
+class ForeignRedis(Exception):
+    """The Redis database holds the events of another ledger database."""
+
+
 class RedisRelay:
     """Publishes every outbox commit to Redis in commit order; survives Redis being down."""
 
@@ -109,6 +117,7 @@ class RedisRelay:
         failures = 0
         while True:
             try:
+                await self._claim()
                 self.published = int(await self.redis.get(PUBLISHED_KEY) or 0)
                 while True:
                     seen = self.engine.committed_timestamp
@@ -123,6 +132,17 @@ class RedisRelay:
                     log.warning("event relay paused", error=repr(error), retry_in_s=delay)
                 failures += 1
                 await asyncio.sleep(delay)
+
+    async def _claim(self) -> None:
+        """Make sure the Redis database is this ledger database's (claiming it when empty)."""
+        instance = await self.events.ledger_instance()
+        await self.redis.set(LEDGER_KEY, instance, nx=True)
+        holder = (await self.redis.get(LEDGER_KEY) or b"").decode()
+        if holder != instance:
+            raise ForeignRedis(
+                f"Redis holds the events of ledger database {holder}, not of this one "
+                f"({instance}): give each ledger database its own Redis database, and FLUSHDB "
+                f"it when the ledger's database is created anew")
 
     async def _publish_some(self) -> bool:
         """Publish the next commits of the outbox; False when there was none."""

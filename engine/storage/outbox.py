@@ -77,6 +77,11 @@ class EventStore:
                 f"events up to commit {trimmed} were trimmed from the outbox; resume from a "
                 f"cursor at or after it, or from the Redis streams")
 
+    async def ledger_instance(self) -> str:
+        """The identity of this ledger database (ledger_meta, migration 0004)."""
+        return await self.pool.fetchval(
+            "SELECT value FROM ledger_meta WHERE key = 'ledger_instance'")
+
     async def progress(self, consumer: str) -> int:
         return await self.pool.fetchval(
             "SELECT commit_timestamp FROM event_progress WHERE consumer = $1", consumer)

@@ -9,9 +9,11 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from engine.events.relay import PUBLISHED_KEY, STREAM_KEY
+from engine.events.relay import LEDGER_KEY, PUBLISHED_KEY, STREAM_KEY
 from engine.gen.txengine.v1 import ledger_pb2 as pb
+from engine.gen.txengine.v1 import ledger_pb2_grpc
 from engine.ids import new_id
+from engine.server import app as app_module
 from harness import account, transfer
 
 T = pb.EventType
@@ -208,3 +210,43 @@ async def test_a_commit_larger_than_a_response_spans_several(stub):
             call.cancel()
             break
     assert seen == 3 * 8_190 and max(sizes) <= 8_190
+
+
+async def test_the_relay_refuses_a_redis_that_holds_another_ledger(settings):
+    """A Redis left by another ledger database (here: its mark far in the future, which would
+    make the relay skip every commit of this one) is refused, commits go on, and once the
+    operator empties it the relay claims it and publishes everything retained."""
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    await redis.set(LEDGER_KEY, "another-ledger")
+    await redis.set(PUBLISHED_KEY, 2**62)
+    app = await app_module.start(settings)
+    try:
+        async with grpc.aio.insecure_channel(app.address) as channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            a, b = account(), account()
+            await stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[a, b]))
+            paid = transfer(a.id, b.id, 5)
+            reply = await stub.CreateTransfers(pb.CreateTransfersRequest(transfers=[paid]))
+            assert reply.results[0].result == pb.TRANSFER_RESULT_OK
+            committed = reply.results[0].timestamp
+            await asyncio.sleep(1.0)
+            assert await redis.get(LEDGER_KEY) == b"another-ledger"
+            assert int(await redis.get(PUBLISHED_KEY)) == 2**62
+            assert app.events.relay.commits_published == 0
+
+            await redis.flushdb()
+            for _ in range(1000):
+                if int(await redis.get(PUBLISHED_KEY) or 0) >= committed:
+                    break
+                await asyncio.sleep(0.02)
+            instance = await app.events.store.ledger_instance()
+            assert (await redis.get(LEDGER_KEY)).decode() == instance
+            streamed = [pb.EventBatch.FromString(fields[b"events"])
+                        for shard in range(app.store.shard_count)
+                        for _, fields in await redis.xrange(STREAM_KEY.format(shard=shard))]
+            transfers = [e.transfer.id for batch in streamed for e in batch.events
+                         if e.type == T.EVENT_TYPE_TRANSFER_COMMITTED]
+            assert transfers == [paid.id]
+    finally:
+        await app.stop(0)
+        await redis.aclose()

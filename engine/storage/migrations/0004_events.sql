@@ -65,3 +65,8 @@ BEGIN
             TO txengine_runtime;
     END IF;
 END $$;
+
+-- The identity of this ledger database. The relay claims a Redis database for it and will not
+-- publish into one that another ledger database (or an earlier incarnation of this one) holds.
+INSERT INTO ledger_meta (key, value) VALUES ('ledger_instance', gen_random_uuid()::text)
+    ON CONFLICT (key) DO NOTHING;
