@@ -24,6 +24,10 @@ BALANCE_WORDS = 8  # debit account dp, dpo, cp, cpo, then the credit account's
 EVENT_WIRE_BYTES_MAX = 320
 BALANCE_DTYPE = np.dtype("<u8")
 
+# After a commit, outbox readers wait this long before reading, so that one read takes the
+# commits made meanwhile (at most this much added to publication lag).
+CONSUMER_GATHER_SECONDS = 0.02
+
 
 class OutboxEvents:
     """What one commit collects for its outbox row, in commit order."""

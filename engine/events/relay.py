@@ -30,7 +30,9 @@ import redis.asyncio as aioredis
 import structlog
 
 from engine.config import Settings
-from engine.events.codec import ACCOUNT_HEAD, EncodedCommit, encode_commits
+from engine.events.codec import (
+    ACCOUNT_HEAD, CONSUMER_GATHER_SECONDS, EncodedCommit, encode_commits,
+)
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.posting.engine import PostingEngine
 from engine.storage.outbox import EventStore
@@ -121,8 +123,12 @@ class RedisRelay:
                 self.published = int(await self.redis.get(PUBLISHED_KEY) or 0)
                 while True:
                     seen = self.engine.committed_timestamp
-                    if not await self._publish_some():
-                        await self.engine.wait_for_commit(seen, IDLE_POLL_SECONDS)
+                    read = await self._publish_some()
+                    # Caught up (a commit that changed nothing has no outbox row, hence `read`):
+                    # wait for new commits, and gather them.
+                    if not read or self.published >= seen:
+                        await self.engine.wait_for_commits(seen, IDLE_POLL_SECONDS,
+                                                           CONSUMER_GATHER_SECONDS)
                     failures = 0
             except asyncio.CancelledError:
                 raise
@@ -144,8 +150,8 @@ class RedisRelay:
                 f"({instance}): give each ledger database its own Redis database, and FLUSHDB "
                 f"it when the ledger's database is created anew")
 
-    async def _publish_some(self) -> bool:
-        """Publish the next commits of the outbox; False when there was none."""
+    async def _publish_some(self) -> int:
+        """Publish the next commits of the outbox; how many there were."""
         rows, columns = await self.events.commits_after(self.published, COMMITS_PER_READ_MAX,
                                                         TRANSFERS_PER_READ_MAX)
         if not rows:
@@ -158,7 +164,7 @@ class RedisRelay:
             self.commits_published += 1
         if rows:
             await self.events.set_progress("redis", self.published)
-        return bool(rows)
+        return len(rows)
 
 
 class OutboxTrimmer:

@@ -24,7 +24,7 @@ import structlog
 from google.protobuf import json_format
 
 from engine.config import Settings
-from engine.events.codec import encode_commits
+from engine.events.codec import CONSUMER_GATHER_SECONDS, encode_commits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.posting.engine import PostingEngine
 from engine.storage.outbox import EventStore
@@ -86,7 +86,8 @@ class WebhookDispatcher:
                 seen = self.engine.committed_timestamp
                 position = await self.events.progress("webhooks")
                 if not await self._record_some(position):
-                    await self.engine.wait_for_commit(seen, IDLE_POLL_SECONDS)
+                    await self.engine.wait_for_commits(seen, IDLE_POLL_SECONDS,
+                                                       CONSUMER_GATHER_SECONDS)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - Postgres down: retry later

@@ -244,6 +244,15 @@ class PostingEngine:
                 return False
         return True
 
+    async def wait_for_commits(self, after_timestamp: int, timeout_seconds: float,
+                               gather_seconds: float) -> bool:
+        """wait_for_commit, then gather_seconds more, so that a reader of the outbox takes the
+        commits of that span in one read instead of one read per commit."""
+        if not await self.wait_for_commit(after_timestamp, timeout_seconds):
+            return False
+        await asyncio.sleep(gather_seconds)
+        return True
+
     # -- the commit loop -------------------------------------------------------------------
 
     _busy = False
