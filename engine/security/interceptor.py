@@ -179,14 +179,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior, rpc: str, mutating: bool):
         async def handle(raw: bytes, context):
-            principal, tokens = "", []
+            tokens: list = []
             try:
-                try:
-                    principal = self.principal(context)
-                    tokens = await self._enter(principal, rpc)
-                except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
-                    await self._refuse(error, principal, rpc, raw, context)
-                self._in_flight[principal] += 1
+                principal, tokens = await self._admit(rpc, raw, context)
                 try:
                     response, error = None, None
                     try:
@@ -210,14 +205,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
         """A read whose answer is a stream (SubscribeEvents): authenticated, entitled and
         limited like any call; a refusal or an authorization failure on the way is audited."""
         async def handle(raw: bytes, context):
-            principal, tokens = "", []
+            tokens: list = []
             try:
-                try:
-                    principal = self.principal(context)
-                    tokens = await self._enter(principal, rpc)
-                except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
-                    await self._refuse(error, principal, rpc, raw, context)
-                self._in_flight[principal] += 1
+                principal, tokens = await self._admit(rpc, raw, context)
                 error = None
                 try:
                     async for response in behavior(raw, context):
@@ -229,11 +219,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     self._leave(principal)
                     code = final_code(context, error)
                     if code in AUDITED_FAILURES:
-                        try:
-                            await self.audit(principal, rpc, raw, code,
-                                             str(context.details() or ""))
-                        except AuditUnavailable:
-                            log.warning("audit record of a failed stream not written")
+                        await self._audit_failure(principal, rpc, raw, code, context)
             finally:
                 _reset(tokens)
 
@@ -241,13 +227,9 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
 
     def _stream(self, behavior, rpc: str, mutating: bool):
         async def handle(raw_iterator, context):
-            principal, tokens = "", []
+            tokens: list = []
             try:
-                try:
-                    principal = self.principal(context)
-                    tokens = await self._enter(principal, rpc)
-                except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
-                    await self._refuse(error, principal, rpc, b"", context)
+                principal, tokens = await self._admit(rpc, b"", context)
                 # Requests read and not yet answered, in order (their bytes, for the audit).
                 unanswered: collections.deque[bytes] = collections.deque()
                 limits = self.config.policy.limits(principal) if self.config.policy else None
@@ -261,7 +243,6 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                                 limits.burst_seconds, 1)])
                         yield raw
 
-                self._in_flight[principal] += 1
                 error = None
                 try:
                     async for response in behavior(messages(), context):
@@ -278,15 +259,31 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):
                     # Requests of the stream left without a response end with its status.
                     if code != grpc.StatusCode.OK and (mutating or code in AUDITED_FAILURES):
                         for raw in list(unanswered) or [b""]:
-                            try:
-                                await self.audit(principal, rpc, raw, code,
-                                                 str(context.details() or ""))
-                            except AuditUnavailable:
-                                log.warning("audit record of a failed stream not written")
+                            await self._audit_failure(principal, rpc, raw, code, context)
             finally:
                 _reset(tokens)
 
         return handle
+
+    async def _admit(self, rpc: str, raw: bytes, context) -> tuple[str, list]:
+        """Authenticate, entitle and limit one RPC: its principal and the context tokens to
+        reset at its end; a refusal ends the RPC (audited when it is an auth failure)."""
+        principal = ""
+        try:
+            principal = self.principal(context)
+            tokens = await self._enter(principal, rpc)
+        except (Unauthenticated, guard.NotEntitled, RateLimited) as error:
+            await self._refuse(error, principal, rpc, raw, context)
+        self._in_flight[principal] += 1
+        return principal, tokens
+
+    async def _audit_failure(self, principal, rpc, raw, code, context) -> None:
+        """The audit record of a stream that ended with a failure (best effort: the status
+        is already decided)."""
+        try:
+            await self.audit(principal, rpc, raw, code, str(context.details() or ""))
+        except AuditUnavailable:
+            log.warning("audit record of a failed stream not written")
 
     async def _audit_or_fail(self, principal, rpc, raw, code, error, context) -> None:
         detail = "" if error is None or code == grpc.StatusCode.OK else (context.details() or "")

@@ -22,11 +22,13 @@ made-up method names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import re
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
 import structlog
@@ -162,53 +164,46 @@ class _Call:
             pass
 
 
+@contextlib.contextmanager
+def _observed(method: _Method, context: grpc.aio.ServicerContext) -> Iterator[_Call]:
+    """One RPC from start to finish, however its handler ends."""
+    call = _Call(method, context)
+    error = None
+    try:
+        yield call
+    except BaseException as raised:
+        error = raised
+        raise
+    finally:
+        call.finish(error)
+
+
 def _unary_response(behavior, method: _Method):
     async def handle(request_or_iterator, context):
-        call = _Call(method, context)
-        error = None
-        try:
+        with _observed(method, context):
             response = await behavior(method.requests(request_or_iterator), context)
             method.sent.inc()
             return response
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            call.finish(error)
 
     return handle
 
 
 def _stream_response_generator(behavior, method: _Method):
     async def handle(request_or_iterator, context):
-        call = _Call(method, context)
-        error = None
-        try:
+        with _observed(method, context) as call:
             await call.send_correlation_id()
             async for response in behavior(method.requests(request_or_iterator), context):
                 method.sent.inc()
                 yield response
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            call.finish(error)
 
     return handle
 
 
 def _stream_response_writer(behavior, method: _Method):
     async def handle(request_or_iterator, context):
-        call = _Call(method, context)
-        error = None
-        try:
+        with _observed(method, context) as call:
             await call.send_correlation_id()
             return await behavior(method.requests(request_or_iterator), context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            call.finish(error)
 
     return handle
 
