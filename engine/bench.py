@@ -1069,6 +1069,75 @@ def run_kernels(quick: bool, progress: Progress) -> dict | None:
 
 # -- the report ---------------------------------------------------------------------------------
 
+# -- the gRPC floor: the same generator against a handler that does no work ------------------
+
+def _empty_server(ports) -> None:
+    import uvloop
+
+    uvloop.run(_serve_empty(ports))
+
+
+async def _serve_empty(ports) -> None:
+    """grpc.aio with the engine's options and no interceptors, answering every CreateTransfers
+    with one prebuilt OK result: what one Python gRPC process costs per call before any work."""
+    from engine.server.app import grpc_options
+
+    answer = pb.CreateTransfersResponse(results=[pb.CreateTransferResult(
+        index=0, result=pb.TRANSFER_RESULT_OK, timestamp=1)]).SerializeToString()
+
+    async def create_transfers(request: bytes, context) -> bytes:
+        return answer
+
+    server = grpc.aio.server(options=grpc_options())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "txengine.v1.LedgerService",
+        {"CreateTransfers": grpc.unary_unary_rpc_method_handler(create_transfers)}),))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def run_grpc_floor(accounts: bytes, shards: np.ndarray, meter: Meter, progress: Progress,
+                         args) -> dict:
+    """The unary scenario's generator, callers and requests against the empty handler above,
+    in its own process (its CPU is the app CPU of the row)."""
+    import psutil
+
+    callers = args.callers[0]
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=_empty_server, args=(ports,), daemon=True)
+    server.start()
+    try:
+        port = await asyncio.to_thread(ports.get, True, 60)
+        served = psutil.Process(server.pid)
+        title = f"empty grpc.aio handler, 1/request, {callers} callers"
+        per_caller = max(10, math.ceil(Planner.GUESS["unary"] * 2 * args.seconds / callers))
+        progress.say(f"{title}: building up to {per_caller * callers:,} requests")
+        processes = min(2, callers)
+        seed = int.from_bytes(os.urandom(4), "big")
+        jobs = [{"kind": "grpc", "address": f"127.0.0.1:{port}", "rpc": "unary",
+                 "accounts": accounts, "shards": shards.tobytes(), "hot": 0, "mix": "uniform",
+                 "seed": seed + i, "requests_per_caller": per_caller, "batch": 1,
+                 "seconds": args.seconds,
+                 "callers": callers // processes + (1 if i < callers % processes else 0)}
+                for i in range(processes)]
+        cpu_before = sum(served.cpu_times()[:2])
+        run = await run_workers(jobs, meter, progress, "grpc-empty")
+        server_cpu = sum(served.cpu_times()[:2]) - cpu_before
+    finally:
+        server.kill()
+        server.join(timeout=10)
+    row = measured("grpc-empty", title, "baseline", 1, run, server_cpu)
+    row["worker_cpu_note"] = "app CPU is the empty server's process"
+    lat = row["request_latency_ms"]
+    progress.say(f"empty gRPC handler {row['transfers_per_second']:>9,.0f} requests/s  "
+                 f"p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
+                 f"server {row['cores']['app']:.2f} cores  generators "
+                 f"{row['cores']['load_generators']:.2f}")
+    return row
+
+
 def add_ratios(rows: list[dict], baselines: dict) -> None:
     pgbench = baselines["pgbench"]["best"]["transfers_per_second"]
     naive = baselines["naive_ledger"]["transfers_per_second"]
@@ -1078,6 +1147,10 @@ def add_ratios(rows: list[dict], baselines: dict) -> None:
         row["ratios"] = {"x_pgbench": round(tps / pgbench, 2) if pgbench else None,
                          "x_naive_ledger": round(tps / naive, 2) if naive else None,
                          "share_of_raw_copy": round(tps / copy, 4) if copy else None}
+        floor = baselines.get("grpc_empty")
+        if floor is not None and row["transfers_per_request"] == 1:
+            row["ratios"]["share_of_grpc_empty"] = round(
+                tps / floor["transfers_per_second"], 4)
 
 
 def _operating_point(rows: list[dict], p99_ms: float) -> dict | None:
@@ -1117,6 +1190,11 @@ def evaluate_targets(rows: list[dict], baselines: dict, kernels: dict | None) ->
         p99 = unary["request_latency_ms"]["p99"]
         target("unary p99", f"<= {TARGET_UNARY_P99_MS:.0f} ms", f"{p99:.1f} ms",
                p99 <= TARGET_UNARY_P99_MS, name)
+        floor = baselines.get("grpc_empty")
+        if floor is not None:
+            target("unary vs empty gRPC", "(the gRPC floor; no target)",
+                   f"{tps / floor['transfers_per_second']:.0%} of "
+                   f"{floor['transfers_per_second']:,.0f}/s", None, name)
     hot = next((r for r in rows if r["mix"] == "hot"), None)
     uniform = next((r for r in rows if r["kind"] == "batched" and hot is not None
                     and r["callers"] == hot["callers"]), None)
@@ -1144,7 +1222,7 @@ def table_lines(report: dict) -> list[str]:
     rows = report["scenarios"] + report["baseline_rows"]
     head = (f"{'scenario':<14}{'items/req':>10}{'transfers/s':>13}{'p50 ms':>9}{'p99 ms':>9}"
             f"{'p999 ms':>9}{'app CPU':>9}{'PG CPU':>8}{'x pgbench':>11}{'x naive':>9}"
-            f"{'% COPY':>8}")
+            f"{'% COPY':>8}{'% gRPC':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lat, cpu, ratio = r["request_latency_ms"], r["cpu_seconds_per_1000"], r["ratios"]
@@ -1153,7 +1231,8 @@ def table_lines(report: dict) -> list[str]:
             f"{lat['p50']:>9.2f}{lat['p99']:>9.2f}{lat['p999']:>9.2f}{cpu['app']:>9.3f}"
             f"{cpu['postgres']:>8.3f}{_fmt_ratio(ratio['x_pgbench']):>11}"
             f"{_fmt_ratio(ratio['x_naive_ledger']):>9}"
-            f"{_fmt_ratio(ratio['share_of_raw_copy'], True):>8}")
+            f"{_fmt_ratio(ratio['share_of_raw_copy'], True):>8}"
+            f"{_fmt_ratio(ratio.get('share_of_grpc_empty'), True):>8}")
     return lines
 
 
@@ -1225,7 +1304,7 @@ def print_report(report: dict) -> None:
     print()
     print("DESIGN section 6 targets")
     for t in report["targets"]:
-        state = {True: "met", False: "NOT MET", None: "n/a"}[t["met"]]
+        state = {True: "met", False: "NOT MET", None: "info"}[t["met"]]
         print(f"  {state:<8} {t['target']:<22} {t['goal']:<40} measured {t['measured']:<22}"
               f" [{t['scenario']}]")
 
@@ -1337,6 +1416,10 @@ async def run(args: argparse.Namespace) -> dict:
         pgbench = await run_pgbench(probe, url, meter, progress, args)
         progress.say(f"[{len(plan) + 2}/{total}] baseline: naive ledger")
         naive = await run_naive(probe, url, account_ids, meter, progress, args)
+        floor = None
+        if any(r["kind"] == "unary" for r in rows):
+            progress.say(f"[{len(plan) + 2}/{total}] baseline: an empty gRPC handler")
+            floor = await run_grpc_floor(accounts, shards, meter, progress, args)
         copy_rows = max([r["transfers"] for r in rows if r["kind"] == "batched"]
                         or [args.copy_rows_min])
         copy_rows = max(copy_rows, args.copy_rows_min)
@@ -1355,6 +1438,9 @@ async def run(args: argparse.Namespace) -> dict:
                                                                    progress)
     baselines = {"pgbench": pgbench, "naive_ledger": naive, "raw_copy": raw}
     baseline_rows = [pgbench["best"], naive, raw]
+    if floor is not None:
+        baselines["grpc_empty"] = floor
+        baseline_rows.append(floor)
     add_ratios(rows + baseline_rows + pgbench["runs"], baselines)
     report = {"environment": environment, "scenarios": rows, "baselines": baselines,
               "baseline_rows": baseline_rows, "kernels": kernels,
