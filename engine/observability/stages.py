@@ -14,7 +14,11 @@ import time
 from engine.observability import metrics
 
 STAGES = ("decode", "fees", "load_accounts", "load_transfers", "prepare", "kernel", "write",
-          "encode")
+          "encode", "write_balances", "write_transfers")
+# Parts of "write" (already counted in it): the balance UPDATE and the transfers COPY, the two
+# statements whose cost grows with the batch; the rest of "write" is BEGIN, the shard fence,
+# the request log, the outbox row and COMMIT.
+WRITE_PARTS = ("write_balances", "write_transfers")
 
 # Label children resolved once: observing costs a lock and an add, not a label lookup.
 _STAGE_SECONDS = {name: metrics.STAGE_SECONDS.labels(stage=name) for name in STAGES}

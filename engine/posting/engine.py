@@ -401,7 +401,8 @@ class PostingEngine:
                     raise _KnownIds()
         with stages.stage("write"):
             await self.store.write_batch(self._lease, write.finish(
-                self._cache, self.shard_count, self._last_seq, first_timestamp, self._clock_ns))
+                self._cache, self.shard_count, self._last_seq, first_timestamp, self._clock_ns),
+                stages)
         self.committed_timestamp = self._clock_ns
         self._committed.set()
         self._committed = asyncio.Event()

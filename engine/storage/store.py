@@ -6,13 +6,18 @@ on the hot path. Nothing above this module writes SQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from engine.storage.migrate import migrate
+
+if TYPE_CHECKING:
+    from engine.observability.stages import StageTimes
 
 LEASE_LOCK_CLASS = 0x7478_6C73  # "txls": advisory lock class of shard leases
 FEE_SCHEDULE_LOCK_CLASS = 0x7478_6673  # "txfs": advisory lock class of fee schedule versions
@@ -150,6 +155,10 @@ async def check_durability(conn: asyncpg.Connection, allow_unsafe: bool) -> dict
     return settings
 
 
+def _untimed(name: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 class Store:
     """The engine's storage: migrations, the shard lease, the batch writer and the readers."""
 
@@ -282,8 +291,11 @@ class Store:
         )
         return value or 0
 
-    async def write_batch(self, lease: ShardLease, batch: BatchWrite) -> None:
-        """Write one batch in one transaction, fenced by the lease's epochs."""
+    async def write_batch(self, lease: ShardLease, batch: BatchWrite,
+                          stages: StageTimes | None = None) -> None:
+        """Write one batch in one transaction, fenced by the lease's epochs; `stages` times
+        the statements that grow with the batch (stages.WRITE_PARTS)."""
+        part = stages.stage if stages is not None else _untimed
         conn = self._writer
         assert conn is not None
         async with conn.transaction():
@@ -309,19 +321,21 @@ class Store:
                 )
             balance_updates = batch.balance_updates
             if balance_updates[0]:
-                await conn.execute(
-                    """UPDATE accounts AS a SET debits_pending = u.dp, debits_posted = u.dpo,
-                              credits_pending = u.cp, credits_posted = u.cpo
-                       FROM unnest($1::int[], $2::uuid[], $3::bigint[], $4::bigint[],
-                                   $5::bigint[], $6::bigint[]) AS u(shard, id, dp, dpo, cp, cpo)
-                       WHERE a.shard = u.shard AND a.id = u.id""",
-                    *balance_updates,
-                )
+                with part("write_balances"):
+                    await conn.execute(
+                        """UPDATE accounts AS a SET debits_pending = u.dp, debits_posted = u.dpo,
+                                  credits_pending = u.cp, credits_posted = u.cpo
+                           FROM unnest($1::int[], $2::uuid[], $3::bigint[], $4::bigint[],
+                                       $5::bigint[], $6::bigint[]) AS u(shard, id, dp, dpo, cp, cpo)
+                           WHERE a.shard = u.shard AND a.id = u.id""",
+                        *balance_updates,
+                    )
             if batch.transfers_copy is not None:
-                await conn.copy_to_table(
-                    "transfers", source=memoryview(batch.transfers_copy),
-                    columns=TRANSFER_COLUMNS, format="binary",
-                )
+                with part("write_transfers"):
+                    await conn.copy_to_table(
+                        "transfers", source=memoryview(batch.transfers_copy),
+                        columns=TRANSFER_COLUMNS, format="binary",
+                    )
             if batch.pending_updates[0]:
                 await conn.execute(
                     """UPDATE transfers AS t SET pending_status = u.status
