@@ -104,6 +104,8 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
            for s in args.streams]
     out += [Scenario(f"unary-{c}", f"CreateTransfers 1/request, {c} callers", "unary", 1, c,
                      min(2, c), group="unary") for c in args.callers]
+    out += [Scenario(f"sdk-{c}", f"1 transfer/call, {c} callers, SDK auto-batching", "sdk", 1, c,
+                     min(2, c), group="sdk") for c in args.sdk_callers]
     out.append(Scenario("stream", f"StreamTransfers {args.batch:,}/request, 1 stream, "
                         f"{STREAM_WINDOW} in flight", "stream", args.batch, 1, 1, group="stream"))
     m = args.mix_streams
@@ -128,7 +130,7 @@ def run_order(plan: list[Scenario], mix_streams: int) -> list[Scenario]:
     def rank(s: Scenario) -> int:
         if s.group == "batched":
             return 0 if s.callers <= mix_streams else 2
-        return {"mix": 1, "stream": 3}.get(s.group, 4)
+        return {"mix": 1, "stream": 3, "sdk": 5}.get(s.group, 4)
 
     return sorted(plan, key=rank)
 
@@ -318,11 +320,44 @@ async def _grpc_worker(job: dict, start, release, results) -> None:
         except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the call already failed
             pass
 
+    sdk_client = None
+    if job["rpc"] == "sdk":
+        from txengine_client import AsyncClient, Transfer
+
+        sdk_client = AsyncClient(job["address"])
+        # The SDK's own objects, built before the clock like the payloads of the other drivers.
+        transfers = [[Transfer(id=t.id, debit_account_id=t.debit_account_id,
+                               credit_account_id=t.credit_account_id, amount=t.amount,
+                               ledger=t.ledger, code=t.code)
+                      for payload in payloads
+                      for t in pb.CreateTransfersRequest.FromString(payload).transfers]
+                     for payloads in requests]
+
+    async def sdk(_channel, index: int, deadline: float) -> None:
+        mine: list[float] = []
+        latencies.append(mine)
+        for transfer in transfers[index]:
+            if time.monotonic() >= deadline:
+                break
+            began = time.perf_counter()
+            try:
+                result = await sdk_client.create_transfer(transfer)
+            except Exception as error:  # noqa: BLE001 - counted, as the unary driver does
+                errors[type(error).__name__] += 1
+                continue
+            mine.append(time.perf_counter() - began)
+            answers.append(pb.CreateTransfersResponse(results=[pb.CreateTransferResult(
+                result=int(result.result))]).SerializeToString())
+
     began, cpu_began = await _wait_start(start, results, job["index"])
     deadline = began + job["seconds"]
-    drive = stream if job["rpc"] == "stream" else unary
-    await asyncio.gather(*(drive(channels[i % channel_count], payloads, deadline)
-                           for i, payloads in enumerate(requests)))
+    if sdk_client is not None:
+        await asyncio.gather(*(sdk(None, i, deadline) for i in range(len(requests))))
+        await sdk_client.close()
+    else:
+        drive = stream if job["rpc"] == "stream" else unary
+        await asyncio.gather(*(drive(channels[i % channel_count], payloads, deadline)
+                               for i, payloads in enumerate(requests)))
     _finish(results, job["index"], cpu_began)
     results_ok = pb.TRANSFER_RESULT_OK
     ok = 0
@@ -1478,6 +1513,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pgbench-clients", type=ints, default=list(PGBENCH_CLIENTS),
                         help="pgbench client counts, best TPS reported [1,4,8,16,32]")
     parser.add_argument("--pgbench-seconds", type=int, help="pgbench -T per run [5; --quick 1]")
+    parser.add_argument("--sdk-callers", type=ints, default=[256],
+                        help="concurrent callers of the SDK auto-batching scenario [256]")
     parser.add_argument("--naive-connections", type=int, default=32)
     parser.add_argument("--naive-rate-guess", type=float, default=6_000,
                         help="transfers/s the naive ledger is built for (x1.5) [6000]")

@@ -156,12 +156,19 @@ class RedisRelay:
                                                         TRANSFERS_PER_READ_MAX)
         if not rows:
             self.oldest_unpublished = 0
-        for commit in encode_commits(rows, columns):
-            self.oldest_unpublished = commit.commit_timestamp
-            await self._script(keys=[PUBLISHED_KEY], args=publish_args(
-                commit, self.settings.events_stream_maxlen))
-            self.published = commit.commit_timestamp
-            self.commits_published += 1
+        commits = encode_commits(rows, columns)
+        if commits:
+            # One round trip for the commits of this read: Redis runs the scripts in order, and
+            # each skips a commit at or before the mark, so a pipeline cut short by a failure is
+            # simply published again from the mark in Redis.
+            self.oldest_unpublished = commits[0].commit_timestamp
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for commit in commits:
+                    await self._script(keys=[PUBLISHED_KEY], args=publish_args(
+                        commit, self.settings.events_stream_maxlen), client=pipe)
+                await pipe.execute()
+            self.published = commits[-1].commit_timestamp
+            self.commits_published += len(commits)
         if rows:
             await self.events.set_progress("redis", self.published)
         return len(rows)

@@ -18,7 +18,7 @@ from engine.gen.txengine.v1 import ledger_pb2 as pb
 from tests.conftest import ROOT
 
 ENGINE_SCENARIOS = {"batched-1", "batched-2", "batched-4", "batched-8", "unary-64", "unary-256",
-                    "unary-512", "stream", "hot-10%", "cross-50%", "chains-3"}
+                    "unary-512", "sdk-256", "stream", "hot-10%", "cross-50%", "chains-3"}
 
 
 def test_prebuilt_requests_parse_as_the_protobuf_messages():

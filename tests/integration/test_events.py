@@ -250,3 +250,17 @@ async def test_the_relay_refuses_a_redis_that_holds_another_ledger(settings):
     finally:
         await app.stop(0)
         await redis.aclose()
+
+
+async def test_a_large_commits_outbox_row_is_stored_uncompressed(stub, db):
+    """A batch's balance records (64 bytes a transfer) go out of line without pglz, which would
+    otherwise compress them on the commit's critical path (migration 0006)."""
+    a, b = account(), account()
+    await stub.CreateAccounts(pb.CreateAccountsRequest(accounts=[a, b]))
+    transfers = [transfer(a.id, b.id, 1 + i % 100) for i in range(2_000)]
+    response = await stub.CreateTransfers(pb.CreateTransfersRequest(transfers=transfers))
+    assert {r.result for r in response.results} == {pb.TRANSFER_RESULT_OK}
+    size, compression = await db.fetchrow(
+        "SELECT length(transfer_balances), pg_column_compression(transfer_balances) "
+        "FROM event_outbox WHERE transfer_count = 2000")
+    assert size == 64 * 2_000 and compression is None
