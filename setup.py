@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 DEBUG = os.environ.get("TXENGINE_DEBUG") == "1"
 
-KERNELS = ("balance", "routing", "copy", "events", "fee")
+KERNELS = ("balance", "routing", "copy", "events", "fee", "wire")
 
 directives = {
     "language_level": "3",

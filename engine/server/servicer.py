@@ -28,6 +28,7 @@ from engine.events.relay import read_projection
 from engine.events.service import EventParts
 from engine.fees.schedule import FeeSchedule
 from engine.ids import ZERO_ID
+from engine.kernels import _wire as wire
 from engine.posting.accounts import NewAccount
 from engine.posting.batch import TransferColumns, shards_of
 from engine.posting.engine import PostingEngine
@@ -83,6 +84,40 @@ def _user_data(values, field: str, violations: list[Violation]) -> list[bytes]:
             violations.append(Violation(
                 field.format(index), f"at most {limits.USER_DATA_BYTES_MAX} bytes, got {len(value)}"))
     return out
+
+
+class WireTransfers:
+    """A CreateTransfers or StreamTransfers body kept as wire bytes until it is decoded."""
+
+    __slots__ = ("raw", "request_type")
+
+    def __init__(self, raw: bytes, request_type):
+        self.raw = raw
+        self.request_type = request_type
+
+    @property
+    def transfers(self):
+        return _parse(self.request_type, self.raw).transfers
+
+
+def decode_transfers_request(request) -> TransferColumns:
+    """Columns of a CreateTransfers/StreamTransfers request: the wire kernel for plain transfers
+    in the usual encoding, protobuf and decode_transfers for anything else (fees, bad fields)."""
+    if isinstance(request, WireTransfers):
+        columns = wire.decode_transfers(request.raw, limits.BATCH_ITEMS_MAX,
+                                        limits.USER_DATA_BYTES_MAX, ZERO_ID,
+                                        TransferResult.TIMESTAMP_MUST_BE_ZERO)
+        if columns is not None:
+            return TransferColumns(*columns)
+    return decode_transfers(request.transfers)
+
+
+def transfer_results_body(outcome) -> bytes | list[pb.CreateTransferResult]:
+    """The response body of a CreateTransfers/StreamTransfers outcome: wire bytes built by the
+    kernel, or, for fee transfers (results with legs), the messages."""
+    if outcome.legs is None:
+        return wire.encode_results(outcome.results, outcome.timestamps)
+    return _transfer_results(outcome)
 
 
 def decode_transfers(transfers) -> TransferColumns:
@@ -273,11 +308,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def CreateTransfers(self, request, context):
         stages = self.engine.stages
         with stages.stage("decode"):
-            columns = decode_transfers(request.transfers)
+            columns = decode_transfers_request(request)
         await self._admit_transfers(columns)
         outcome = await self.engine.create_transfers(columns)
         with stages.stage("encode"):
-            return pb.CreateTransfersResponse(results=_transfer_results(outcome))
+            return _response(pb.CreateTransfersResponse, transfer_results_body(outcome))
 
     @handle_errors
     async def CloseAccounts(self, request, context):
@@ -494,7 +529,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         async def submit() -> None:
             try:
                 async for request in request_iterator:
-                    columns = decode_transfers(request.transfers)
+                    columns = decode_transfers_request(request)
                     await self._admit_transfers(columns)
                     await slots.acquire()
                     in_flight.put_nowait(asyncio.ensure_future(
@@ -512,7 +547,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     outcome = await pending
                 except Exception as error:  # noqa: BLE001 - the boundary, as in handle_errors
                     await abort(context, error)
-                yield pb.StreamTransfersResponse(results=_transfer_results(outcome))
+                yield _response(pb.StreamTransfersResponse, transfer_results_body(outcome))
                 slots.release()
         finally:
             reader.cancel()
@@ -532,11 +567,36 @@ def _parse(request_type, raw: bytes):
             "request", f"not a valid {request_type.DESCRIPTOR.full_name}: {error}")]) from error
 
 
+def _response(response_type, body):
+    """A response message, or its wire bytes when the kernel built them (see _serializer)."""
+    return body if isinstance(body, bytes) else response_type(results=body)
+
+
+def _serializer(response_type):
+    """SerializeToString, passing through a body that is already wire bytes."""
+    serialize = response_type.SerializeToString
+
+    def serialized(response) -> bytes:
+        return response if type(response) is bytes else serialize(response)
+
+    return serialized
+
+
+# Requests whose bodies go to the wire kernel (decode_transfers_request) unparsed.
+WIRE_DECODED = (pb.CreateTransfersRequest, pb.StreamTransfersRequest)
+
+
+def _request(request_type, raw: bytes):
+    if request_type in WIRE_DECODED:
+        return WireTransfers(raw, request_type)
+    return _parse(request_type, raw)
+
+
 def _unary(method, request_type):
     @functools.wraps(method)
     async def handler(raw: bytes, context: grpc.aio.ServicerContext):
         try:
-            request = _parse(request_type, raw)
+            request = _request(request_type, raw)
         except InvalidRequest as error:
             await abort(context, error)
         return await method(request, context)
@@ -549,7 +609,7 @@ def _streaming(method, request_type):
     async def handler(raw_iterator, context: grpc.aio.ServicerContext):
         async def requests():
             async for raw in raw_iterator:
-                yield _parse(request_type, raw)
+                yield _request(request_type, raw)
 
         async with contextlib.aclosing(method(requests(), context)) as responses:
             async for response in responses:
@@ -585,15 +645,15 @@ def add_to_server(servicer: LedgerServicer, server: grpc.aio.Server) -> None:
             assert method.server_streaming, "only bidirectional streams are served"
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 _streaming(implementation, request_type),
-                response_serializer=response_type.SerializeToString)
+                response_serializer=_serializer(response_type))
         elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _server_streaming(implementation, request_type),
-                response_serializer=response_type.SerializeToString)
+                response_serializer=_serializer(response_type))
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(implementation, request_type),
-                response_serializer=response_type.SerializeToString)
+                response_serializer=_serializer(response_type))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
