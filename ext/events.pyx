@@ -11,6 +11,8 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.string cimport memcpy
 
+from protowire cimport put_varint as _varint, varint_size as _varint_size
+
 cdef enum:
     ID_BYTES = 16
     EVENT_BYTES_MAX = 512  # bound of one encoded element (the transfer's user_data aside)
@@ -109,21 +111,6 @@ cdef int _require(bint condition, str what) except -1:
     return 0
 
 
-cdef inline int _varint_size(uint64_t value) noexcept nogil:
-    cdef int size = 1
-    while value >= 0x80:
-        value >>= 7
-        size += 1
-    return size
-
-
-cdef inline uint8_t *_varint(uint8_t *p, uint64_t value) noexcept nogil:
-    while value >= 0x80:
-        p[0] = <uint8_t> (value | 0x80)
-        value >>= 7
-        p += 1
-    p[0] = <uint8_t> value
-    return p + 1
 
 
 cdef inline int _field_size(uint64_t value) noexcept nogil:

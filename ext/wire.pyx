@@ -12,6 +12,8 @@ tests/property/test_wire_kernel.py checks both against protobuf on generated mes
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
+from protowire cimport put_varint, varint_size
+
 import numpy as np
 
 # Wire types.
@@ -166,27 +168,10 @@ def decode_transfers(bytes body, Py_ssize_t items_max, Py_ssize_t user_data_max,
             timeout_array, user_data, precheck_array)
 
 
-cdef inline Py_ssize_t _varint_size(uint64_t value) noexcept nogil:
-    cdef Py_ssize_t size = 1
-    while value >= 0x80:
-        value >>= 7
-        size += 1
-    return size
-
-
-cdef inline Py_ssize_t _put_varint(char* out, Py_ssize_t pos, uint64_t value) noexcept nogil:
-    while value >= 0x80:
-        out[pos] = <char>((value & 0x7F) | 0x80)
-        value >>= 7
-        pos += 1
-    out[pos] = <char>value
-    return pos + 1
-
-
 def encode_results(list results, list timestamps):
     """A CreateTransfersResponse (or StreamTransfersResponse) body of results without legs:
     the bytes protobuf's SerializeToString gives for results[i], timestamps[i] at index i."""
-    cdef Py_ssize_t n = len(results), i, size = 0, inner, pos = 0
+    cdef Py_ssize_t n = len(results), i, size = 0, inner
     cdef uint64_t result, timestamp
     cdef int64_t signed_timestamp
     if len(timestamps) != n:
@@ -199,28 +184,28 @@ def encode_results(list results, list timestamps):
         timestamp = <uint64_t>signed_timestamp
         inner = 0
         if i:
-            inner += 1 + _varint_size(<uint64_t>i)
+            inner += 1 + varint_size(<uint64_t>i)
         if result:
-            inner += 1 + _varint_size(result)
+            inner += 1 + varint_size(result)
         if timestamp:
-            inner += 1 + _varint_size(timestamp)
+            inner += 1 + varint_size(timestamp)
         inner_sizes[i] = inner
-        size += 1 + _varint_size(<uint64_t>inner) + inner
+        size += 1 + varint_size(<uint64_t>inner) + inner
     body = PyBytes_FromStringAndSize(NULL, size)
-    cdef char* out = PyBytes_AS_STRING(body)
+    cdef uint8_t* out = <uint8_t*>PyBytes_AS_STRING(body)
     for i in range(n):
-        out[pos] = 0x0A  # field 1, LEN
-        pos = _put_varint(out, pos + 1, <uint64_t>inner_sizes[i])
+        out[0] = 0x0A  # field 1, LEN
+        out = put_varint(out + 1, <uint64_t>inner_sizes[i])
         if i:
-            out[pos] = 0x08
-            pos = _put_varint(out, pos + 1, <uint64_t>i)
+            out[0] = 0x08
+            out = put_varint(out + 1, <uint64_t>i)
         result = <uint32_t>results[i]
         if result:
-            out[pos] = 0x10
-            pos = _put_varint(out, pos + 1, result)
+            out[0] = 0x10
+            out = put_varint(out + 1, result)
         signed_timestamp = timestamps[i]
         timestamp = <uint64_t>signed_timestamp
         if timestamp:
-            out[pos] = 0x18
-            pos = _put_varint(out, pos + 1, timestamp)
+            out[0] = 0x18
+            out = put_varint(out + 1, timestamp)
     return body
