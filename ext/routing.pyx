@@ -5,7 +5,8 @@ The hash is part of the storage layout: every id must land on the same shard for
 tests/property/test_routing_kernel.py pins it with literal expected values. The plain-Python
 oracle is engine.kernels.reference.shard_of_reference.
 """
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 
 # Shards are a deployment-time choice; 1,024 bounds the per-shard queues and connections.
 cdef uint32_t SHARD_COUNT_MAX = 1024
@@ -39,3 +40,41 @@ cdef inline uint64_t _splitmix64(uint64_t x) noexcept nogil:
     z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
     return z ^ (z >> 31)
+
+
+cdef inline uint64_t _big_endian(const uint8_t* p) noexcept nogil:
+    return ((<uint64_t>p[0] << 56) | (<uint64_t>p[1] << 48) | (<uint64_t>p[2] << 40)
+            | (<uint64_t>p[3] << 32) | (<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16)
+            | (<uint64_t>p[6] << 8) | <uint64_t>p[7])
+
+
+cdef inline uint32_t _shard_of_id(bytes id, uint32_t shard_count) except? 0xFFFFFFFF:
+    if PyBytes_GET_SIZE(id) != 16:
+        raise ValueError(f"ids must be 16 bytes, got {PyBytes_GET_SIZE(id)}")
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(id)
+    return <uint32_t>(_splitmix64(_big_endian(p) ^ _splitmix64(_big_endian(p + 8)))
+                      % shard_count)
+
+
+def transfer_shard_items(list debit_ids, list credit_ids, uint32_t shard_count):
+    """{shard: items} that a request of transfers takes of the shards' queues: one item of each
+    shard a transfer touches, so one when both of its accounts are in the same shard.
+
+    The same hash as shard_of, read straight from the 16-byte ids. Raises ValueError if
+    shard_count is not in 1..1024, the lists differ in length or an id is not 16 bytes."""
+    cdef Py_ssize_t n = len(debit_ids), i
+    cdef uint32_t debit, credit
+    cdef uint32_t counts[1024]
+    if not 1 <= shard_count <= SHARD_COUNT_MAX:
+        raise ValueError(f"shard_count must be in 1..{SHARD_COUNT_MAX}, got {shard_count}")
+    if len(credit_ids) != n:
+        raise ValueError(f"one credit id per debit id, got {n} and {len(credit_ids)}")
+    for i in range(shard_count):
+        counts[i] = 0
+    for i in range(n):
+        debit = _shard_of_id(debit_ids[i], shard_count)
+        credit = _shard_of_id(credit_ids[i], shard_count)
+        counts[debit] += 1
+        if credit != debit:
+            counts[credit] += 1
+    return {shard: counts[shard] for shard in range(shard_count) if counts[shard]}

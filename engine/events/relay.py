@@ -106,7 +106,7 @@ class RedisRelay:
         self.redis = redis
         self.settings = settings
         self.engine = engine
-        self._script = redis.register_script(PUBLISH_SCRIPT)
+        self._script_sha = ""  # PUBLISH_SCRIPT as loaded by _claim
         self.published = 0  # the last commit known to be in Redis
         self.commits_published = 0
         self.oldest_unpublished = 0  # commit_timestamp of the next commit to publish; 0: none
@@ -144,6 +144,9 @@ class RedisRelay:
         instance = await self.events.ledger_instance()
         await self.redis.set(LEDGER_KEY, instance, nx=True)
         holder = (await self.redis.get(LEDGER_KEY) or b"").decode()
+        # Loaded here, not checked before each pipeline: a Redis that lost it (restarted
+        # empty) fails the next publication with NOSCRIPT, and the retry comes back here.
+        self._script_sha = await self.redis.script_load(PUBLISH_SCRIPT)
         if holder != instance:
             raise ForeignRedis(
                 f"Redis holds the events of ledger database {holder}, not of this one "
@@ -164,8 +167,8 @@ class RedisRelay:
             self.oldest_unpublished = commits[0].commit_timestamp
             async with self.redis.pipeline(transaction=False) as pipe:
                 for commit in commits:
-                    await self._script(keys=[PUBLISHED_KEY], args=publish_args(
-                        commit, self.settings.events_stream_maxlen), client=pipe)
+                    pipe.evalsha(self._script_sha, 1, PUBLISHED_KEY,
+                                 *publish_args(commit, self.settings.events_stream_maxlen))
                 await pipe.execute()
             self.published = commits[-1].commit_timestamp
             self.commits_published += len(commits)

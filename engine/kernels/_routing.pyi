@@ -8,3 +8,7 @@ def shard_of(
     shard_count: int,
     out: npt.NDArray[np.int32],
 ) -> None: ...
+
+def transfer_shard_items(
+    debit_ids: list[bytes], credit_ids: list[bytes], shard_count: int
+) -> dict[int, int]: ...

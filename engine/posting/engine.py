@@ -23,7 +23,7 @@ from engine.events.codec import OutboxEvents
 from engine.fees.expand import FeeExpander
 from engine.ids import ZERO_ID, halves
 from engine.kernels import _copy as copy
-from engine.kernels import apply_transfers, shard_of
+from engine.kernels import apply_transfers, shard_of, transfer_shard_items
 from engine.kernels._copy import encode_binary_copy
 from engine.observability import metrics
 from engine.observability.correlation import CORRELATION_ID
@@ -185,14 +185,11 @@ class PostingEngine:
         return outcome, accounts
 
     async def _create_transfers(self, transfers: TransferColumns) -> Outcome:
-        # A transfer takes one item of each shard it touches: one if both accounts share it.
-        debit = shards_of(transfers.debit_ids, self.shard_count)
-        credit = shards_of(transfers.credit_ids, self.shard_count)
-        shards = np.concatenate([debit, credit[credit != debit]])
         return await self._submit(Request(
             future=asyncio.get_running_loop().create_future(),
-            shard_items=_count(shards), transfers=transfers,
-            correlation_id=CORRELATION_ID.get(),
+            shard_items=transfer_shard_items(transfers.debit_ids, transfers.credit_ids,
+                                             self.shard_count),
+            transfers=transfers, correlation_id=CORRELATION_ID.get(),
         ))
 
     async def create_accounts(self, accounts: list[NewAccount]) -> Outcome:

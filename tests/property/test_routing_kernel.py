@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.kernels import results, shard_of
+from engine.kernels import results, shard_of, transfer_shard_items
 from engine.kernels.reference import shard_of_id, shard_of_reference, splitmix64
 
 UINT64 = st.integers(0, 2**64 - 1)
@@ -92,3 +92,25 @@ def test_length_mismatch_is_rejected(hi: int, lo: int, out: int) -> None:
 def test_id_of_wrong_size_is_rejected() -> None:
     with pytest.raises(ValueError):
         shard_of_id(bytes(15), 4)
+
+
+ID_BYTES = st.binary(min_size=16, max_size=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(ID_BYTES, ID_BYTES), max_size=60), SHARD_COUNTS)
+def test_transfer_shard_items_count_each_touched_shard_once_per_transfer(pairs, shard_count):
+    expected: dict[int, int] = {}
+    for debit, credit in pairs:
+        for shard in {shard_of_id(debit, shard_count), shard_of_id(credit, shard_count)}:
+            expected[shard] = expected.get(shard, 0) + 1
+    got = transfer_shard_items([d for d, _ in pairs], [c for _, c in pairs], shard_count)
+    assert got == expected
+
+
+def test_transfer_shard_items_refuse_bad_input():
+    one = [bytes(16)]
+    for debits, credits, count in ((one, one, 0), (one, one, 1025), (one, [], 8),
+                                   ([bytes(15)], one, 8)):
+        with pytest.raises(ValueError):
+            transfer_shard_items(debits, credits, count)
