@@ -860,19 +860,23 @@ class Planner:
                                          transfers_per_second)
 
 
+def grpc_jobs(address: str, scenario: Scenario, accounts: bytes, shards: np.ndarray,
+              per_caller: int, seconds: float) -> list[dict]:
+    """One load-generator job per process of the scenario, its callers spread over them."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    return [{"kind": "grpc", "address": address, "rpc": scenario.rpc, "accounts": accounts,
+             "shards": shards.tobytes(), "hot": 0, "mix": scenario.mix, "seed": seed + i,
+             "callers": scenario.callers // scenario.processes
+             + (1 if i < scenario.callers % scenario.processes else 0),
+             "requests_per_caller": per_caller, "batch": scenario.batch, "seconds": seconds}
+            for i in range(scenario.processes)]
+
+
 async def run_scenario(scenario: Scenario, app, accounts: bytes, shards: np.ndarray,
                        meter: Meter, planner: Planner, progress: Progress, seconds: float,
                        label: str) -> dict:
     per_caller = planner.requests_per_caller(scenario)
-    callers = [scenario.callers // scenario.processes
-               + (1 if i < scenario.callers % scenario.processes else 0)
-               for i in range(scenario.processes)]
-    seed = int.from_bytes(os.urandom(4), "big")
-    jobs = [{"kind": "grpc", "address": app.address, "rpc": scenario.rpc,
-             "accounts": accounts, "shards": shards.tobytes(), "hot": 0, "mix": scenario.mix,
-             "seed": seed + i, "callers": c, "requests_per_caller": per_caller,
-             "batch": scenario.batch, "seconds": seconds}
-            for i, c in enumerate(callers)]
+    jobs = grpc_jobs(app.address, scenario, accounts, shards, per_caller, seconds)
     planned = per_caller * scenario.callers * scenario.batch
     progress.say(f"{label} {scenario.title}: {len(jobs)} generator process"
                  f"{'es' if len(jobs) > 1 else ''} building up to {planned:,} transfers")
@@ -1150,14 +1154,9 @@ async def run_grpc_floor(accounts: bytes, shards: np.ndarray, meter: Meter, prog
         title = f"empty grpc.aio handler, 1/request, {callers} callers"
         per_caller = max(10, math.ceil(Planner.GUESS["unary"] * 2 * args.seconds / callers))
         progress.say(f"{title}: building up to {per_caller * callers:,} requests")
-        processes = min(2, callers)
-        seed = int.from_bytes(os.urandom(4), "big")
-        jobs = [{"kind": "grpc", "address": f"127.0.0.1:{port}", "rpc": "unary",
-                 "accounts": accounts, "shards": shards.tobytes(), "hot": 0, "mix": "uniform",
-                 "seed": seed + i, "requests_per_caller": per_caller, "batch": 1,
-                 "seconds": args.seconds,
-                 "callers": callers // processes + (1 if i < callers % processes else 0)}
-                for i in range(processes)]
+        like_unary = Scenario("grpc-empty", title, "unary", 1, callers, min(2, callers))
+        jobs = grpc_jobs(f"127.0.0.1:{port}", like_unary, accounts, shards, per_caller,
+                         args.seconds)
         cpu_before = sum(served.cpu_times()[:2])
         run = await run_workers(jobs, meter, progress, "grpc-empty")
         server_cpu = sum(served.cpu_times()[:2]) - cpu_before
