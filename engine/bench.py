@@ -333,7 +333,7 @@ async def _grpc_worker(job: dict, start, release, results) -> None:
                       for t in pb.CreateTransfersRequest.FromString(payload).transfers]
                      for payloads in requests]
 
-    async def sdk(_channel, index: int, deadline: float) -> None:
+    async def sdk(index: int, deadline: float) -> None:
         mine: list[float] = []
         latencies.append(mine)
         for transfer in transfers[index]:
@@ -352,7 +352,7 @@ async def _grpc_worker(job: dict, start, release, results) -> None:
     began, cpu_began = await _wait_start(start, results, job["index"])
     deadline = began + job["seconds"]
     if sdk_client is not None:
-        await asyncio.gather(*(sdk(None, i, deadline) for i in range(len(requests))))
+        await asyncio.gather(*(sdk(i, deadline) for i in range(len(requests))))
         await sdk_client.close()
     else:
         drive = stream if job["rpc"] == "stream" else unary

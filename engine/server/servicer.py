@@ -23,7 +23,7 @@ import numpy as np
 from engine import limits
 from engine.gen.txengine.v1 import ledger_pb2 as pb
 from engine.gen.txengine.v1 import ledger_pb2_grpc
-from engine.events.codec import EVENT_WIRE_BYTES_MAX, encode_commits
+from engine.events.codec import EVENT_WIRE_BYTES_MAX, encode_commits, transfer_message
 from engine.events.relay import read_projection
 from engine.events.service import EventParts
 from engine.fees.schedule import FeeSchedule
@@ -112,12 +112,12 @@ def decode_transfers_request(request) -> TransferColumns:
     return decode_transfers(request.transfers)
 
 
-def transfer_results_body(outcome) -> bytes | list[pb.CreateTransferResult]:
-    """The response body of a CreateTransfers/StreamTransfers outcome: wire bytes built by the
-    kernel, or, for fee transfers (results with legs), the messages."""
+def transfer_results_response(response_type, outcome):
+    """The CreateTransfers/StreamTransfers response of an outcome: wire bytes built by the
+    kernel (see _serializer), or, for fee transfers (results with legs), the message."""
     if outcome.legs is None:
         return wire.encode_results(outcome.results, outcome.timestamps)
-    return _transfer_results(outcome)
+    return response_type(results=_transfer_results(outcome))
 
 
 def decode_transfers(transfers) -> TransferColumns:
@@ -246,17 +246,6 @@ def account_message(row) -> pb.Account:
     )
 
 
-def transfer_message(row) -> pb.Transfer:
-    pending_id = row["pending_id"]
-    return pb.Transfer(
-        id=row["id"], debit_account_id=row["debit_account_id"],
-        credit_account_id=row["credit_account_id"], amount=row["amount"],
-        pending_id=b"" if pending_id == ZERO_ID else pending_id, ledger=row["ledger"],
-        code=row["code"], flags=row["flags"], timeout_seconds=row["timeout_seconds"],
-        user_data=row["user_data"], timestamp=row["timestamp"],
-    )
-
-
 def _transfer_results(outcome) -> list[pb.CreateTransferResult]:
     if outcome.legs is None:
         return [pb.CreateTransferResult(index=i, result=r, timestamp=t)
@@ -312,7 +301,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         await self._admit_transfers(columns)
         outcome = await self.engine.create_transfers(columns)
         with stages.stage("encode"):
-            return _response(pb.CreateTransfersResponse, transfer_results_body(outcome))
+            return transfer_results_response(pb.CreateTransfersResponse, outcome)
 
     @handle_errors
     async def CloseAccounts(self, request, context):
@@ -547,7 +536,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     outcome = await pending
                 except Exception as error:  # noqa: BLE001 - the boundary, as in handle_errors
                     await abort(context, error)
-                yield _response(pb.StreamTransfersResponse, transfer_results_body(outcome))
+                yield transfer_results_response(pb.StreamTransfersResponse, outcome)
                 slots.release()
         finally:
             reader.cancel()
@@ -565,11 +554,6 @@ def _parse(request_type, raw: bytes):
     except DecodeError as error:
         raise InvalidRequest([Violation(
             "request", f"not a valid {request_type.DESCRIPTOR.full_name}: {error}")]) from error
-
-
-def _response(response_type, body):
-    """A response message, or its wire bytes when the kernel built them (see _serializer)."""
-    return body if isinstance(body, bytes) else response_type(results=body)
 
 
 def _serializer(response_type):
